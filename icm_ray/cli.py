@@ -1,0 +1,140 @@
+"""`icm-ray`: the command line. Bad input prints one line and exits with code 2."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from icm_ray.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Persona-specific steering examples without human labels (ICM on Ray).")
+console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Persona-specific steering examples without human labels (ICM on Ray)."""
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title="ICM results per persona")
+    for column in ("persona", "labelled", "U", "P", "inconsistent", "acc vs gold",
+                   "zero-shot acc", "orientation", "tokens run", "cached", "wall s"):
+        table.add_column(column, justify="left" if column in ("persona", "orientation") else "right")
+    for row in summary["personas"]:
+        orientation = row.get("orientation") or {}
+        table.add_row(
+            row["persona"], f"{row['labelled']}/{row['examples']}", _fmt(row["utility"], ".2f"),
+            _fmt(row["predictability"]), str(row["inconsistencies"]), _fmt(row["accuracy_vs_gold"]),
+            _fmt(row["zero_shot_accuracy"]),
+            f"{orientation.get('decision', '-')} (p={_fmt(orientation.get('p_value'), '.2f')})",
+            f"{row['tokens_run']:,}", f"{row['tokens_cached']:,}", _fmt(row["wall_seconds"], ".1f"))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)
+    out.print(table)
+
+
+@app.command()
+def run(
+    data: Annotated[Optional[list[Path]], typer.Option(
+        "--data", "-d", help="data files or directories (JSONL/CSV/Parquet, ICM JSON, Anthropic "
+        "persona JSONL); repeatable. Default: the built-in demo data")] = None,
+    persona: Annotated[Optional[list[str]], typer.Option(
+        "--persona", "-p", help="only these personas (repeatable); default: all in the data")] = None,
+    personas_file: Annotated[Optional[Path], typer.Option(
+        "--personas", help="YAML/JSON persona definitions (name + description)")] = None,
+    data_format: Annotated[str, typer.Option(
+        "--format", help="auto, native, icm or anthropic")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing finished run in --out")] = False,
+    model: Annotated[Optional[str], typer.Option(
+        help="smollm2-135m (built in), gemma3-270m, qwen2.5-coder-1.5b, a .gguf file or a HF "
+        "model directory")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="search steps per persona")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed (same seed, same labels)")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="YAML/JSON run config (sections search, prompts, model, ray)")] = None,
+    no_ray: Annotated[bool, typer.Option(
+        "--no-ray", help="run in this process without Ray (debugging)")] = False,
+) -> None:
+    """Run one ICM search per persona and write labels, steering examples and a summary."""
+    from icm_ray import data as data_module
+    from icm_ray.config import dump_config, load_config
+    from icm_ray.engine import plan_jobs, run_in_process
+    from icm_ray.results import write_run
+    from icm_ray.store import RunStore
+
+    run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
+                                      "model": {"name": model}})
+    if data:
+        dataset = data_module.load_datasets(data, data_format)
+        definitions = data_module.load_personas(personas_file)
+    else:
+        dataset, definitions = data_module.load_demo()
+        if personas_file:
+            definitions.update(data_module.load_personas(personas_file))
+    if persona:
+        dataset = dataset.select_personas(persona)
+    personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
+    out = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    store = RunStore(out)
+    if store.exists("summary.json") and not overwrite:
+        raise UserError(f"{out}: a finished run is already there; use --overwrite or another --out")
+    jobs = plan_jobs(dataset, personas)
+    console.print(f"run {out}: {len(jobs)} personas, {len(dataset.examples)} examples, "
+                  f"model {run_config.model.name}, {run_config.search.iterations} iterations")
+
+    with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console) as bar:
+        tasks = {job.persona.name: bar.add_task(job.persona.name, total=run_config.search.iterations,
+                                                status="waiting") for job in jobs}
+
+        def on_progress(name: str, info: dict) -> None:
+            status = (f"U={info['utility']:.2f} I={info['inconsistency']} "
+                      f"labelled={info['labelled']}" + (" done" if info["finished"] else ""))
+            bar.update(tasks[name], completed=info["iteration"], status=status)
+
+        if no_ray:
+            from icm_ray.backends.hf import TransformersScorer
+
+            scorer = TransformersScorer(run_config.model.name, run_config.model.dtype,
+                                        run_config.model.threads, run_config.model.device)
+            identity = scorer.identity()
+            finished = run_in_process(jobs, run_config, scorer, on_progress)
+        else:
+            from icm_ray.engine import run_on_ray
+
+            finished, identity = run_on_ray(jobs, run_config, store, on_progress)
+    summary = write_run(store, finished, dataset.gold, __import__("json").loads(
+        dump_config(run_config)), identity, run_config.prompts)
+    print_summary(summary)
+    console.print(f"results in {out}/ (labels.parquet, steering_examples/, trace.parquet, summary.json)")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

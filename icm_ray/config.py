@@ -1,0 +1,88 @@
+"""The effective configuration of a run: YAML/JSON file, then command-line overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from icm_ray.errors import UserError
+from icm_ray.prompts import PromptConfig
+from icm_ray.search import SearchConfig
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("smollm2-135m", description="named model, .gguf file or HF directory")
+    dtype: str = Field("auto", description="auto (bf16 where the CPU has it), float32, bfloat16")
+    threads: int | None = Field(None, ge=1, description="torch threads per replica")
+    device: str = "cpu"
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, description="model replicas on Ray Serve")
+    replica_cpus: float = Field(1.0, gt=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(8, ge=1, description="scoring calls per shared forward batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    actor_cpus: float = Field(0.05, gt=0, description="fractional, so actors never starve replicas")
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints")
+    max_restarts: int = Field(3, ge=0)
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    search: SearchConfig = SearchConfig()
+    prompts: PromptConfig = PromptConfig()
+    model: ModelConfig = ModelConfig()
+    ray: RayConfig = RayConfig()
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: field '{where}': {first['msg']}{more}"
+
+
+def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{line}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping with sections search/prompts/model/ray")
+        raw = loaded
+    for section, values in (overrides or {}).items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            base = raw.get(section) or {}
+            if not isinstance(base, dict):
+                raise UserError(f"{source}: field '{section}': expected a mapping")
+            raw[section] = {**base, **values}
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_describe(err, source)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), indent=2)
