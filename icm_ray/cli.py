@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -49,51 +49,73 @@ def print_summary(summary: dict) -> None:
 
 @app.command()
 def run(
-    data: Annotated[Optional[list[Path]], typer.Option(
+    data: Annotated[list[Path] | None, typer.Option(
         "--data", "-d", help="data files or directories (JSONL/CSV/Parquet, ICM JSON, Anthropic "
         "persona JSONL); repeatable. Default: the built-in demo data")] = None,
-    persona: Annotated[Optional[list[str]], typer.Option(
+    persona: Annotated[list[str] | None, typer.Option(
         "--persona", "-p", help="only these personas (repeatable); default: all in the data")] = None,
-    personas_file: Annotated[Optional[Path], typer.Option(
+    personas_file: Annotated[Path | None, typer.Option(
         "--personas", help="YAML/JSON persona definitions (name + description)")] = None,
     data_format: Annotated[str, typer.Option(
         "--format", help="auto, native, icm or anthropic")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing finished run in --out")] = False,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         help="smollm2-135m (built in), gemma3-270m, qwen2.5-coder-1.5b, a .gguf file or a HF "
         "model directory")] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="search steps per persona")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="random seed (same seed, same labels)")] = None,
-    config: Annotated[Optional[Path], typer.Option(
+    iterations: Annotated[int | None, typer.Option(help="search steps per persona")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (same seed, same labels)")] = None,
+    config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML/JSON run config (sections search, prompts, model, ray)")] = None,
     no_ray: Annotated[bool, typer.Option(
         "--no-ray", help="run in this process without Ray (debugging)")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        help="continue an interrupted run from its checkpoints (finished personas are kept)")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (default: RAY_ADDRESS, else a private local cluster)")] = None,
 ) -> None:
     """Run one ICM search per persona and write labels, steering examples and a summary."""
     from icm_ray import data as data_module
     from icm_ray.config import dump_config, load_config
-    from icm_ray.engine import plan_jobs, run_in_process
+    from icm_ray.engine import load_inputs, plan_jobs, run_in_process, save_inputs
     from icm_ray.results import write_run
     from icm_ray.store import RunStore
 
-    run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
-                                      "model": {"name": model}})
-    if data:
-        dataset = data_module.load_datasets(data, data_format)
-        definitions = data_module.load_personas(personas_file)
+    if resume is not None:
+        if data or persona or personas_file or config or model or iterations is not None \
+                or seed is not None:
+            raise UserError("--resume continues a run exactly as it was started; "
+                            "give no data, persona, model or config options with it")
+        store = RunStore(resume)
+        if not store.exists("inputs.json"):
+            raise UserError(f"{resume}: not a run directory (no inputs.json)")
+        run_config, dataset, personas = load_inputs(store)
+        out = resume
     else:
-        dataset, definitions = data_module.load_demo()
-        if personas_file:
-            definitions.update(data_module.load_personas(personas_file))
-    if persona:
-        dataset = dataset.select_personas(persona)
-    personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
-    out = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-    store = RunStore(out)
-    if store.exists("summary.json") and not overwrite:
-        raise UserError(f"{out}: a finished run is already there; use --overwrite or another --out")
+        run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
+                                          "model": {"name": model}})
+        if data:
+            dataset = data_module.load_datasets(data, data_format)
+            definitions = data_module.load_personas(personas_file)
+        else:
+            dataset, definitions = data_module.load_demo()
+            if personas_file:
+                definitions.update(data_module.load_personas(personas_file))
+        if persona:
+            dataset = dataset.select_personas(persona)
+        personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
+        from icm_ray.models import resolve
+
+        resolve(run_config.model.name)  # fail now, not inside a replica, on a bad model name
+        out = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+        store = RunStore(out)
+        if store.root.exists() and any(store.root.iterdir()):
+            if not overwrite:
+                raise UserError(f"{out}: run directory is not empty; use --resume {out} to "
+                                "continue it, --overwrite to replace it, or another --out")
+            store.clear()
+        save_inputs(store, run_config, dataset, personas)
     jobs = plan_jobs(dataset, personas)
     console.print(f"run {out}: {len(jobs)} personas, {len(dataset.examples)} examples, "
                   f"model {run_config.model.name}, {run_config.search.iterations} iterations")
@@ -114,11 +136,11 @@ def run(
             scorer = TransformersScorer(run_config.model.name, run_config.model.dtype,
                                         run_config.model.threads, run_config.model.device)
             identity = scorer.identity()
-            finished = run_in_process(jobs, run_config, scorer, on_progress)
+            finished = run_in_process(jobs, run_config, scorer, store, on_progress)
         else:
             from icm_ray.engine import run_on_ray
 
-            finished, identity = run_on_ray(jobs, run_config, store, on_progress)
+            finished, identity = run_on_ray(jobs, run_config, store, on_progress, address)
     summary = write_run(store, finished, dataset.gold, __import__("json").loads(
         dump_config(run_config)), identity, run_config.prompts)
     print_summary(summary)

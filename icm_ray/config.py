@@ -17,6 +17,7 @@ from icm_ray.search import SearchConfig
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    backend: str = Field("transformers", description="scorer backend (see icm_ray.backends)")
     name: str = Field("smollm2-135m", description="named model, .gguf file or HF directory")
     dtype: str = Field("auto", description="auto (bf16 where the CPU has it), float32, bfloat16")
     threads: int | None = Field(None, ge=1, description="torch threads per replica")

@@ -11,8 +11,9 @@ Nothing here reads gold labels: groups and keys come from the data's own fields.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from icm_ray.data import Example
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -55,7 +56,7 @@ class Dataset:
     def personas(self) -> list[str]:
         return list(dict.fromkeys(e.persona for e in self.examples))
 
-    def for_persona(self, persona: str) -> "Dataset":
+    def for_persona(self, persona: str) -> Dataset:
         examples = [e for e in self.examples if e.persona == persona]
         ids = {e.id for e in examples}
         return Dataset(
@@ -64,7 +65,7 @@ class Dataset:
             {i: s for i, s in self.source.items() if i in ids},
         )
 
-    def select_personas(self, names: list[str]) -> "Dataset":
+    def select_personas(self, names: list[str]) -> Dataset:
         known = self.personas()
         for name in names:
             if name not in known:
@@ -265,9 +266,9 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
 def load_file(path: Path, fmt: str = "auto", persona: str | None = None) -> Dataset:
     if fmt not in FORMATS:
         raise UserError(f"unknown data format '{fmt}' (use one of {', '.join(FORMATS)})")
-    fmt = _detect(path) if fmt == "auto" else fmt
     suffix = path.suffix.lower()
     try:
+        fmt = _detect(path) if fmt == "auto" else fmt
         if fmt == "icm":
             records = _icm_reference(path)
         else:

@@ -7,8 +7,8 @@ Ray (`--no-ray`, for debugging) the same search code runs here, one persona afte
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from icm_ray.backends.base import CachingScorer, Scorer
 from icm_ray.config import RunConfig
@@ -24,9 +24,38 @@ class PersonaJob:
     examples: list[Example]  # no gold here: Example has no field for it
 
 
+def checkpoint_name(persona: str) -> str:
+    from icm_ray.store import safe_name
+
+    return f"checkpoints/{safe_name(persona)}.json"
+
+
 def plan_jobs(dataset: Dataset, personas: dict[str, Persona]) -> list[PersonaJob]:
     return [PersonaJob(personas[name], [e for e in dataset.examples if e.persona == name])
             for name in dataset.personas()]
+
+
+def save_inputs(store, config: RunConfig, dataset: Dataset, personas: dict[str, Persona]) -> None:
+    """Everything a resumed run needs, so `--resume` does not depend on the original files."""
+    store.write_json("inputs.json", {
+        "config": config.model_dump(mode="json"),
+        "personas": {name: p.description for name, p in personas.items()},
+        "examples": [e.to_dict() for e in dataset.examples],
+        "gold": dataset.gold,  # evaluation only; never handed to a search
+    })
+
+
+def load_inputs(store) -> tuple[RunConfig, Dataset, dict[str, Persona]]:
+    raw = store.read_json("inputs.json")
+    try:
+        config = RunConfig.model_validate(raw["config"])
+        dataset = Dataset([Example(**e) for e in raw["examples"]], dict(raw["gold"]))
+        personas = {n: Persona(n, d) for n, d in raw["personas"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        from icm_ray.errors import UserError
+
+        raise UserError(f"{store.uri}/inputs.json: not a valid run inputs file ({err})") from None
+    return config, dataset, personas
 
 
 def progress_of(state: SearchState, total: int) -> dict:
@@ -35,7 +64,32 @@ def progress_of(state: SearchState, total: int) -> dict:
             "finished": state.finished}
 
 
-def run_in_process(jobs: Sequence[PersonaJob], config: RunConfig, scorer: Scorer,
+def drive(search: ICMSearch, store, persona: str, every: int,
+          on_step: Callable[[SearchState], None] | None = None) -> SearchState:
+    """Run one search to the end from its last checkpoint, checkpointing every few steps.
+
+    Shared by the persona actors and the in-process path, so both resume the same way.
+    """
+    name = checkpoint_name(persona)
+    state = SearchState.from_dict(store.read_json(name)) if store.exists(name) else None
+    if state is None:
+        state = search.start()
+        store.write_json(name, state.to_dict())
+    while not search.done(state):
+        search.step(state)
+        if state.iteration % every == 0:
+            store.write_json(name, state.to_dict())
+        if on_step:
+            on_step(state)
+    if not state.finished:
+        search.finish(state)
+        store.write_json(name, state.to_dict())
+    if on_step:
+        on_step(state)
+    return state
+
+
+def run_in_process(jobs: Sequence[PersonaJob], config: RunConfig, scorer: Scorer, store,
                    on_progress: ProgressFn | None = None) -> dict[str, tuple[list[Example], SearchState]]:
     cached = scorer if isinstance(scorer, CachingScorer) else CachingScorer(scorer)
     finished = {}
@@ -43,8 +97,145 @@ def run_in_process(jobs: Sequence[PersonaJob], config: RunConfig, scorer: Scorer
         search = ICMSearch(job.examples, job.persona, cached, config.search, config.prompts)
         report = (lambda s, name=job.persona.name:
                   on_progress(name, progress_of(s, config.search.iterations))) if on_progress else None
-        state = search.run(on_step=report)
-        if report:
-            report(state)
+        state = drive(search, store, job.persona.name, config.ray.checkpoint_every, report)
         finished[job.persona.name] = (job.examples, state)
     return finished
+
+
+# ---------------------------------------------------------------- on Ray
+
+
+def _search_actor_class():
+    import ray
+
+    @ray.remote
+    class PersonaSearchActor:
+        """Owns one persona's search; checkpoints it; resumes from the last checkpoint on restart."""
+
+        def __init__(self, job: PersonaJob, config: dict, store_root: str, handle):
+            from icm_ray.replicas import ServeScorer
+            from icm_ray.store import open_store
+
+            self.config = RunConfig.model_validate(config)
+            self.store = open_store(store_root)
+            self.name = job.persona.name
+            self.search = ICMSearch(job.examples, job.persona, CachingScorer(ServeScorer(handle)),
+                                    self.config.search, self.config.prompts)
+            self.latest = {"iteration": 0, "total": self.config.search.iterations, "utility": 0.0,
+                           "inconsistency": 0, "labelled": 0, "finished": False}
+
+        def progress(self) -> dict:
+            return self.latest
+
+        def _report(self, state: SearchState) -> None:
+            self.latest = progress_of(state, self.config.search.iterations)
+
+        def run(self) -> dict:
+            state = drive(self.search, self.store, self.name, self.config.ray.checkpoint_every,
+                          self._report)
+            return state.to_dict()
+
+    return PersonaSearchActor
+
+
+def ensure_ray(address: str | None = None) -> bool:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a private local one. True if started."""
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return False
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             object_store_memory=300 * 1024 * 1024, logging_level=logging.WARNING,
+             log_to_driver=False)
+    return True
+
+
+def deploy_model(config: RunConfig):
+    """Deploy (or reuse) the model replicas; returns the deployment handle."""
+    import os
+
+    from ray import serve
+
+    from icm_ray.replicas import MODEL_APP, model_app
+
+    model = config.model.model_dump()
+    if model["threads"] is None:  # Ray sets OMP threads to the replica's CPU share; use the cores
+        model["threads"] = max(1, int(config.ray.replica_cpus),
+                               (os.cpu_count() or 1) // config.ray.replicas)
+    try:
+        serve.start(proxy_location="Disabled")
+    except Exception:  # already running on this cluster, with its own HTTP options
+        pass
+    return serve.run(model_app(model, config.ray.replicas, config.ray.replica_cpus,
+                               config.ray.replica_gpus, config.ray.max_batch_size,
+                               config.ray.batch_wait_timeout_s),
+                     name=MODEL_APP, route_prefix=None)
+
+
+def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress: ProgressFn | None = None,
+               address: str | None = None) -> tuple[dict[str, tuple[list[Example], SearchState]], dict]:
+    import ray
+    from ray import serve
+
+    from icm_ray.replicas import MODEL_APP
+
+    started = ensure_ray(address)
+    actors = {}
+    try:
+        finished: dict[str, tuple[list[Example], SearchState]] = {}
+        pending_jobs = []
+        for job in jobs:  # personas finished before an interruption are not recomputed
+            name = checkpoint_name(job.persona.name)
+            if store.exists(name):
+                state = SearchState.from_dict(store.read_json(name))
+                if state.finished:
+                    finished[job.persona.name] = (job.examples, state)
+                    if on_progress:
+                        on_progress(job.persona.name, progress_of(state, config.search.iterations))
+                    continue
+            pending_jobs.append(job)
+        handle = deploy_model(config)
+        identity = handle.identity.remote().result()
+        actor_class = _search_actor_class().options(
+            num_cpus=config.ray.actor_cpus, max_restarts=config.ray.max_restarts,
+            max_task_retries=-1, max_concurrency=2)
+        config_dict = config.model_dump(mode="json")
+        for job in pending_jobs:
+            actors[job.persona.name] = actor_class.remote(job, config_dict, store.uri, handle)
+        refs = {actor.run.remote(): name for name, actor in actors.items()}
+        by_name = {job.persona.name: job for job in jobs}
+        while refs:
+            done, _ = ray.wait(list(refs), timeout=0.5)
+            for ref in done:
+                name = refs.pop(ref)
+                state = SearchState.from_dict(ray.get(ref))
+                finished[name] = (by_name[name].examples, state)
+                if on_progress:
+                    on_progress(name, progress_of(state, config.search.iterations))
+            if on_progress:
+                for name in list(refs.values()):
+                    try:
+                        info = ray.get(actors[name].progress.remote(), timeout=2)
+                    except Exception:  # restarting after a crash: skip this tick
+                        continue
+                    on_progress(name, info)
+        return {job.persona.name: finished[job.persona.name] for job in jobs}, identity
+    finally:
+        for actor in actors.values():
+            ray.kill(actor, no_restart=True)
+        if started:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            try:
+                serve.delete(MODEL_APP)
+            except Exception:
+                pass

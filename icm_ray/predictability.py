@@ -15,8 +15,8 @@ N log2 N demonstration tokens per evaluation instead of N^2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from icm_ray.backends.base import Scorer, ScoreRequest
 from icm_ray.data import Example

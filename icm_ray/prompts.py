@@ -7,7 +7,7 @@ that decide what the model reads.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydantic import BaseModel, field_validator
 

@@ -5,8 +5,9 @@ This is the first place gold labels meet search results: only to measure accurac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -18,20 +18,29 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from icm_ray.backends.base import Scorer
-from icm_ray.consistency import (build_constraints, consistent_labellings,
-                                 count_inconsistencies, violations)
+from icm_ray.consistency import (
+    build_constraints,
+    consistent_labellings,
+    count_inconsistencies,
+    violations,
+)
 from icm_ray.data import Example, Persona
-from icm_ray.predictability import (Evaluation, evaluate, leave_one_out_requests,
-                                    zero_shot_requests)
+from icm_ray.predictability import Evaluation, evaluate, leave_one_out_requests, zero_shot_requests
 from icm_ray.prompts import PromptConfig, header_text
 from icm_ray.schedules import temperature
+
+
+def accept(delta: float, temperature: float, draw: float) -> bool:
+    """Metropolis rule: always take a rise in U, take a fall with probability exp(delta / T)."""
+    return delta >= 0 or draw < math.exp(delta / temperature)
 
 
 class SearchConfig(BaseModel):
@@ -80,7 +89,7 @@ class SearchState:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SearchState":
+    def from_dict(cls, data: dict[str, Any]) -> SearchState:
         data = dict(data)
         data["logprobs"] = {int(k): (v[0], v[1]) for k, v in data["logprobs"].items()}
         return cls(**data)
@@ -189,7 +198,7 @@ class ICMSearch:
                 proposal_u = ev.utility
                 delta = ev.utility - state.utility
                 draw = rng.random()  # drawn every time: the RNG stream does not depend on delta
-                accepted = delta >= 0 or draw < math.exp(delta / t)
+                accepted = accept(delta, t, draw)
                 if accepted:
                     self._adopt(state, proposed, ev)
         state.rng = rng.bit_generator.state

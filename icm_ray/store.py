@@ -35,9 +35,22 @@ def safe_name(name: str) -> str:
     return cleaned
 
 
+def open_store(uri: str | Path) -> RunStore:
+    """The store for a run directory (local now; s3:// URIs get their own store)."""
+    return RunStore(uri)
+
+
 class RunStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()
+        self.uri = str(self.root)
+
+    def clear(self) -> None:
+        """Remove everything in the run directory (for --overwrite)."""
+        import shutil
+
+        if self.root.is_dir():
+            shutil.rmtree(self.root)
 
     def path(self, name: str) -> Path:
         return self.root / name

@@ -20,8 +20,9 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)

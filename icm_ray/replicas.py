@@ -1,0 +1,92 @@
+"""Shared model replicas on Ray Serve, and the Scorer that searches use to reach them.
+
+`ModelReplica` owns one copy of the model. `@serve.batch` gathers the scoring calls of every
+persona (and every tuning trial) that arrive together into one `Scorer.score` call, so
+requests that share a prefix share its work. `ServeScorer` is the client side: a `Scorer`
+that forwards to a deployment handle and retries while Serve replaces a dead replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ray import serve
+
+from icm_ray.backends.base import Scorer, ScoreRequest, ScoreResult
+
+log = logging.getLogger(__name__)
+MODEL_APP = "icm-model"
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica:
+    def __init__(self, model: dict[str, Any], max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.005):
+        from icm_ray.backends import load_scorer
+
+        self.scorer = load_scorer(model)
+        self.score_batch.set_max_batch_size(max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.calls = 0
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def score_batch(self, calls: list[list[ScoreRequest]]) -> list[list[ScoreResult]]:
+        flat = [request for call in calls for request in call]
+        self.calls += len(calls)
+        # In a thread: the event loop keeps collecting the next batch meanwhile.
+        results = await asyncio.to_thread(self.scorer.score, flat)
+        out, start = [], 0
+        for call in calls:
+            out.append(results[start:start + len(call)])
+            start += len(call)
+        return out
+
+    async def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        return await self.score_batch(requests)
+
+    def identity(self) -> dict[str, Any]:
+        return self.scorer.identity()
+
+    def check_health(self) -> None:  # Serve calls this; a raising replica is replaced
+        pass
+
+
+def model_app(model: dict[str, Any], replicas: int = 1, cpus: float = 1.0, gpus: float = 0.0,
+              max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005):
+    """The Serve application holding the model replicas (bound, ready for serve.run)."""
+    return ModelReplica.options(
+        num_replicas=replicas,
+        max_ongoing_requests=max(2 * max_batch_size, 8),  # >= batch size, or batches cap at 5
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+    ).bind(model, max_batch_size, batch_wait_timeout_s)
+
+
+class ServeScorer(Scorer):
+    """A Scorer backed by the model deployment. Retries while a replica is being replaced."""
+
+    def __init__(self, handle, retry_seconds: float = 300.0):
+        self.handle = handle
+        self.retry_seconds = retry_seconds
+        self._identity: dict[str, Any] | None = None
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return self.handle.score.remote(list(requests)).result()
+            except Exception as err:  # replica died or is restarting: Serve will replace it
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("scoring failed (%s); retrying in %.1fs", type(err).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            self._identity = self.handle.identity.remote().result()
+        return self._identity

@@ -1,0 +1,165 @@
+import json
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from icm_ray.cli import main
+from icm_ray.data import default_description, load_datasets, load_demo, load_personas
+from icm_ray.errors import UserError
+from tests.conftest import write_native
+
+
+def test_native_jsonl_csv_parquet_agree(tmp_path):
+    rows = [{"id": "a", "persona": "p", "claim": "I like tea", "question": None, "gold": True,
+             "group": "g", "key": "1"},
+            {"id": "b", "persona": "p", "question": "Q?", "claim": "yes", "gold": False}]
+    jsonl = write_native(tmp_path / "d.jsonl", rows)
+    csv = tmp_path / "d.csv"
+    csv.write_text("id,persona,claim,question,gold,group,key\n"
+                   "a,p,I like tea,,true,g,1\nb,p,yes,Q?,false,,\n", encoding="utf-8")
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    loaded = [load_datasets([f]) for f in (jsonl, csv, parquet)]
+    for ds in loaded:
+        assert [e.id for e in ds.examples] == ["a", "b"]
+        assert ds.gold == {"a": True, "b": False}
+        assert ds.examples[0].group == "g" and ds.examples[0].key == "1"
+        assert ds.examples[1].question == "Q?"
+    assert loaded[0].examples == loaded[1].examples == loaded[2].examples
+
+
+def test_native_comparison_rows(tmp_path):
+    f = write_native(tmp_path / "pairs.jsonl", [
+        {"id": "1", "persona": "p", "prompt": "Say hi", "response_a": "hi", "response_b": "go away",
+         "group": "g"},
+        {"id": "2", "persona": "p", "prompt": "Say hi", "response_a": "go away", "response_b": "hi",
+         "group": "g"}])
+    ds = load_datasets([f])
+    assert all(e.kind == "comparison" for e in ds.examples)
+    assert ds.gold == {}
+
+
+def test_reference_icm_json(tmp_path):
+    f = tmp_path / "truthfulqa.json"
+    f.write_text(json.dumps([
+        {"question": "2+2?", "choice": "4", "label": 1, "consistency_id": 7, "answer": "4"},
+        {"question": "2+2?", "choice": "5", "label": 0, "consistency_id": 7, "answer": "5"},
+        {"question": "Best?", "choice": "A", "choice_2": "B", "label": 1, "consistency_id": 8},
+    ]))
+    ds = load_datasets([f])
+    assert [e.kind for e in ds.examples] == ["claim", "claim", "comparison"]
+    assert ds.examples[0].group == "7" and ds.examples[1].key == "5"
+    assert list(ds.gold.values()) == [True, False, True]
+    assert ds.personas() == ["truthfulqa"]
+
+
+def test_anthropic_persona_jsonl(tmp_path):
+    f = tmp_path / "politically-liberal.jsonl"
+    f.write_text("\n".join(json.dumps({
+        "question": "Is the following statement something you would say?\n\"x\"",
+        "statement": s, "answer_matching_behavior": a, "answer_not_matching_behavior": "",
+        "label_confidence": 0.9}) for s, a in [("Taxes fund good things", " Yes"),
+                                              ("Cut all taxes", " No")]))
+    ds = load_datasets([f])
+    assert ds.personas() == ["politically-liberal"]
+    assert [e.claim for e in ds.examples] == ["Taxes fund good things", "Cut all taxes"]
+    assert list(ds.gold.values()) == [True, False]
+
+
+def test_demo_data_is_built_in():
+    ds, personas = load_demo()
+    assert len(ds.personas()) >= 3
+    for name in ds.personas():
+        part = ds.for_persona(name)
+        assert len(part.examples) >= 32 and len(part.gold) == len(part.examples)
+        assert name in personas
+
+
+def test_persona_definitions(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("personas:\n  - name: a\n    description: likes apples\n  - name: b\n")
+    defs = load_personas(f)
+    assert defs["a"].description == "likes apples"
+    assert defs["b"].description == "is b"
+    assert default_description("subscribes-to-Islam") == "subscribes to Islam"
+    assert default_description("politically-liberal") == "is politically liberal"
+
+
+GOOD = {"id": "x", "persona": "p", "claim": "c"}
+
+
+def bad_inputs(tmp_path):
+    """(file name, content, text the one-line error must contain)"""
+    return [
+        ("bad.jsonl", '{"id": "a", "claim": "c"}\n{"id": "b", "claim": \n', "bad.jsonl:2: not valid JSON"),
+        ("missing.jsonl", json.dumps({"id": "a", "persona": "p"}) + "\n", "missing.jsonl:1: field 'claim'"),
+        ("noid.jsonl", json.dumps({"persona": "p", "claim": "c"}) + "\n", "noid.jsonl:1: field 'id'"),
+        ("dup.jsonl", (json.dumps(GOOD) + "\n") * 2, "dup.jsonl:2: field 'id': duplicate id 'x'"),
+        ("empty.jsonl", "\n\n", "empty.jsonl: empty file"),
+        ("gold.jsonl", json.dumps({**GOOD, "gold": "maybe"}) + "\n", "gold.jsonl:1: field 'gold'"),
+        ("list.jsonl", "[1, 2]\n", "list.jsonl:1: expected a JSON object"),
+        ("type.jsonl", json.dumps({**GOOD, "claim": ["a"]}) + "\n", "type.jsonl:1: field 'claim': expected text"),
+        ("notes.txt", "hello", "unsupported file type '.txt'"),
+        ("ref.json", json.dumps({"question": "q"}), "ref.json: expected a JSON list"),
+        ("ref2.json", json.dumps([{"question": "q", "choice": "c", "label": 1}]),
+         "ref2.json:item 0: field 'consistency_id': missing"),
+        ("anth.jsonl", json.dumps({"statement": "s", "answer_matching_behavior": "Maybe"}) + "\n",
+         "anth.jsonl:1: field 'answer_matching_behavior'"),
+        ("rows.csv", "id,persona,claim\na,p,c,extra\n", "rows.csv:2: more values than header columns"),
+        ("broken.parquet", "not parquet at all", "broken.parquet: not a readable Parquet file"),
+        ("latin.jsonl", b"\xff\xfe{", "latin.jsonl: not UTF-8 text"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(15))
+def test_bad_input_is_one_line_error_and_exit_code_2(tmp_path, capsys, monkeypatch, index):
+    name, content, message = bad_inputs(tmp_path)[index]
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["icm-ray", "run", "--no-ray", "--data", str(path), "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--persona", "nobody"], "unknown persona 'nobody'"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--config", "CONFIG:search:\n  alpha: -1\n"], "field 'search.alpha'"),
+    (["--config", "CONFIG:search:\n  temperature: 3\n"], "field 'search.temperature'"),
+    (["--config", "CONFIG:prompts:\n  header: 'Hi {nope}'\n"], "field 'prompts.header'"),
+    (["--config", "CONFIG:[1, 2\n"], "not valid YAML/JSON"),
+    (["--personas", "CONFIG:personas:\n  - description: x\n"], "field 'name': missing"),
+    (["--data", "/no/such/file.jsonl"], "/no/such/file.jsonl: no such file or directory"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch, args, message):
+    args = list(args)
+    for i, a in enumerate(args):
+        if a.startswith("CONFIG:"):
+            f = tmp_path / f"file{i}.yaml"
+            f.write_text(a[len("CONFIG:"):])
+            args[i] = str(f)
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["icm-ray", "run", "--no-ray", "--out", str(out), *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0, err
+    assert not (out / "summary.json").exists()
+
+
+def test_unknown_persona_lists_known_ones(tmp_path):
+    ds = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD])])
+    with pytest.raises(UserError, match="the data has p"):
+        ds.select_personas(["q"])

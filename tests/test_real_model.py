@@ -1,0 +1,100 @@
+"""The transformers scorer and the search on the real built-in model (SmolLM2-135M)."""
+
+import math
+
+import pytest
+
+from icm_ray.backends.base import CachingScorer, ScoreRequest
+from icm_ray.data import load_demo
+from icm_ray.errors import UserError
+from icm_ray.predictability import leave_one_out_requests
+from icm_ray.prompts import PromptConfig, header_text
+from icm_ray.search import ICMSearch, SearchConfig
+
+OPTIONS = (" True", " False")
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from icm_ray.backends.hf import TransformersScorer
+
+    return TransformersScorer("smollm2-135m", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    dataset, personas = load_demo()
+    name = dataset.personas()[0]
+    return [e for e in dataset.examples if e.persona == name], personas[name]
+
+
+def test_scores_match_a_plain_forward_pass_and_know_a_fact(scorer):
+    import torch
+
+    header = "Label each statement True if it is correct and False otherwise.\n\n"
+    queries = ["The capital of France is Paris. True or False? Answer:",
+               "The capital of France is Berlin. True or False? Answer:"]
+    results = scorer.score([ScoreRequest((header,), q, OPTIONS) for q in queries])
+    for query, result in zip(queries, results):
+        assert math.isclose(math.exp(result.logprobs[0]) + math.exp(result.logprobs[1]), 1, rel_tol=1e-5)
+        ids = scorer.tokenize(header) + scorer.tokenize(query)
+        with torch.inference_mode():
+            logits = scorer.model(torch.tensor([ids])).logits[0, -1]
+        reference = torch.log_softmax(logits[scorer.option_ids(OPTIONS)], -1).tolist()
+        assert result.logprobs == pytest.approx(reference, abs=1e-4)
+        assert result.prompt_tokens == len(ids)
+    paris, berlin = (r.logprobs[0] - r.logprobs[1] for r in results)
+    assert paris > berlin
+
+
+def test_prefix_sharing_changes_nothing_but_cost(scorer, demo):
+    """Packed tree attention, KV reuse and one-request-at-a-time scoring agree (fp32)."""
+    examples, persona = demo
+    prompts = PromptConfig()
+    labels = {p: p % 3 != 0 for p in range(10)}
+    requests = list(leave_one_out_requests(header_text(prompts, persona), examples, labels,
+                                           list(labels), prompts).values())
+    before = scorer.tokens_run
+    shared = scorer.score(requests)
+    run_shared = scorer.tokens_run - before
+    assert sum(r.tokens_run for r in shared) == run_shared
+    assert run_shared < 0.5 * sum(r.prompt_tokens for r in shared)
+    alone = [scorer.score([r])[0] for r in requests[:4]]
+    for a, b in zip(alone, shared):
+        assert a.prompt_tokens == b.prompt_tokens and a.tokens_run == a.prompt_tokens
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+    saved = scorer.pack_tokens
+    scorer.pack_tokens = 0  # no packing: one forward per segment and per query
+    try:
+        unpacked = scorer.score(requests)
+    finally:
+        scorer.pack_tokens = saved
+    for a, b in zip(unpacked, shared):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+
+
+def test_caching_scorer_serves_repeats_without_running(scorer):
+    cached = CachingScorer(scorer)
+    request = ScoreRequest(("Header.\n\n",), "Statement: cats purr.\nLabel:", OPTIONS)
+    first = cached.score([request])[0]
+    again, twin = cached.score([request, request])
+    assert again.logprobs == first.logprobs == twin.logprobs
+    assert again.tokens_run == 0 and again.tokens_cached == first.prompt_tokens
+
+
+def test_options_must_start_with_different_tokens(scorer):
+    with pytest.raises(UserError, match="share their first token"):
+        scorer.score([ScoreRequest(("h",), "q", (" True", " True story"))])
+
+
+def test_short_search_on_the_real_model(scorer, demo):
+    examples, persona = demo
+    config = SearchConfig(iterations=3, seed_labels=4, seed=0, permutations=100)
+    search = ICMSearch(examples[:10], persona, CachingScorer(scorer), config)
+    state = search.run()
+    assert 4 <= len(state.labelled) <= 7
+    assert state.finished and state.orientation["decision"] in ("kept", "flipped")
+    assert len(state.trace) == 3 and state.tokens_run > 0
+    assert state.prompt_tokens > state.tokens_run  # prefix reuse served part of the prompts
+    again = ICMSearch(examples[:10], persona, CachingScorer(scorer), config).run()
+    assert again.labels == state.labels  # determinism on the real model
