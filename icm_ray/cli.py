@@ -58,8 +58,8 @@ def run(
         "--personas", help="YAML/JSON persona definitions (name + description)")] = None,
     data_format: Annotated[str, typer.Option(
         "--format", help="auto, native, icm or anthropic")] = "auto",
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", "-o", help="run directory or s3://bucket/prefix (default runs/run-YYYYmmdd-HHMMSS)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing finished run in --out")] = False,
     model: Annotated[str | None, typer.Option(
         help="smollm2-135m (built in), gemma3-270m, qwen2.5-coder-1.5b, a .gguf file or a HF "
@@ -70,7 +70,7 @@ def run(
         "--config", "-c", help="YAML/JSON run config (sections search, prompts, model, ray)")] = None,
     no_ray: Annotated[bool, typer.Option(
         "--no-ray", help="run in this process without Ray (debugging)")] = False,
-    resume: Annotated[Path | None, typer.Option(
+    resume: Annotated[str | None, typer.Option(
         help="continue an interrupted run from its checkpoints (finished personas are kept)")] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster to join (default: RAY_ADDRESS, else a private local cluster)")] = None,
@@ -80,14 +80,14 @@ def run(
     from icm_ray.config import dump_config, load_config
     from icm_ray.engine import load_inputs, plan_jobs, run_in_process, save_inputs
     from icm_ray.results import write_run
-    from icm_ray.store import RunStore
+    from icm_ray.store import open_store
 
     if resume is not None:
         if data or persona or personas_file or config or model or iterations is not None \
                 or seed is not None:
             raise UserError("--resume continues a run exactly as it was started; "
                             "give no data, persona, model or config options with it")
-        store = RunStore(resume)
+        store = open_store(str(resume))
         if not store.exists("inputs.json"):
             raise UserError(f"{resume}: not a run directory (no inputs.json)")
         run_config, dataset, personas = load_inputs(store)
@@ -108,9 +108,9 @@ def run(
         from icm_ray.models import resolve
 
         resolve(run_config.model.name)  # fail now, not inside a replica, on a bad model name
-        out = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-        store = RunStore(out)
-        if store.root.exists() and any(store.root.iterdir()):
+        out = out or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
+        store = open_store(str(out))
+        if not store.is_empty():
             if not overwrite:
                 raise UserError(f"{out}: run directory is not empty; use --resume {out} to "
                                 "continue it, --overwrite to replace it, or another --out")

@@ -30,6 +30,15 @@ def checkpoint_name(persona: str) -> str:
     return f"checkpoints/{safe_name(persona)}.json"
 
 
+def actor_name(store_uri: str, persona: str) -> str:
+    """Persona actors are named, so operators (and tests) can find one: ray.get_actor(name)."""
+    import hashlib
+
+    from icm_ray.store import safe_name
+
+    return f"icm-search-{hashlib.sha256(store_uri.encode()).hexdigest()[:8]}-{safe_name(persona)}"
+
+
 def plan_jobs(dataset: Dataset, personas: dict[str, Persona]) -> list[PersonaJob]:
     return [PersonaJob(personas[name], [e for e in dataset.examples if e.persona == name])
             for name in dataset.personas()]
@@ -204,12 +213,13 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
             pending_jobs.append(job)
         handle = deploy_model(config)
         identity = handle.identity.remote().result()
-        actor_class = _search_actor_class().options(
-            num_cpus=config.ray.actor_cpus, max_restarts=config.ray.max_restarts,
-            max_task_retries=-1, max_concurrency=2)
+        actor_class = _search_actor_class()
         config_dict = config.model_dump(mode="json")
         for job in pending_jobs:
-            actors[job.persona.name] = actor_class.remote(job, config_dict, store.uri, handle)
+            actors[job.persona.name] = actor_class.options(
+                name=actor_name(store.uri, job.persona.name), num_cpus=config.ray.actor_cpus,
+                max_restarts=config.ray.max_restarts, max_task_retries=-1, max_concurrency=2,
+            ).remote(job, config_dict, store.uri, handle)
         refs = {actor.run.remote(): name for name, actor in actors.items()}
         by_name = {job.persona.name: job for job in jobs}
         while refs:

@@ -1,8 +1,10 @@
-"""Run directories: results and checkpoints, written atomically.
+"""Run directories on local disk or S3: results and checkpoints, written atomically.
 
-Every write goes to a temporary name in the same directory and is renamed into place, so a
-reader (or a resumed run) never sees a truncated file. `summary.json` is written last: a
-run directory without it is unfinished.
+Local writes go to a temporary name in the same directory and are renamed into place; S3
+writes are single PUTs, which S3 makes visible only when complete. Either way a reader (or
+a resumed run) never sees a truncated file. `summary.json` is written last: a run without
+it is unfinished. S3 credentials, region and endpoint come from the standard AWS
+environment and config files (AWS_ENDPOINT_URL points boto3 at any S3-compatible server).
 """
 
 from __future__ import annotations
@@ -35,15 +37,66 @@ def safe_name(name: str) -> str:
     return cleaned
 
 
-def open_store(uri: str | Path) -> RunStore:
-    """The store for a run directory (local now; s3:// URIs get their own store)."""
-    return RunStore(uri)
+def open_store(uri: str | Path) -> Store:
+    """The store for a run: `s3://bucket/prefix` or a local directory."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        return S3Store(text)
+    return RunStore(text)
 
 
-class RunStore:
+class Store:
+    """What every store offers; subclasses implement bytes in and out."""
+
+    uri: str
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read_bytes(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def is_empty(self) -> bool:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_bytes(name, json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(name))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{self.uri}/{name}: corrupt JSON ({err.msg})") from None
+
+    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_parquet(self, name: str, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> None:
+        table = pa.Table.from_pylist(rows, schema=schema)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(name, buffer.getvalue())
+
+    def read_parquet(self, name: str) -> list[dict[str, Any]]:
+        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+
+
+class RunStore(Store):
+    """A local run directory."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()
         self.uri = str(self.root)
+
+    def is_empty(self) -> bool:
+        return not (self.root.is_dir() and any(self.root.iterdir()))
 
     def clear(self) -> None:
         """Remove everything in the run directory (for --overwrite)."""
@@ -78,24 +131,77 @@ class RunStore:
         except FileNotFoundError:
             raise UserError(f"{self.path(name)}: not found") from None
 
-    def write_json(self, name: str, value: Any) -> None:
-        self.write_bytes(name, json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))
 
-    def read_json(self, name: str) -> Any:
+class S3Store(Store):
+    """`s3://bucket/prefix`: one object per file, written with a single PUT."""
+
+    def __init__(self, uri: str):
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise UserError(f"{uri}: no bucket name (use s3://bucket/prefix)")
+        self.uri = uri.rstrip("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = boto3.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+        self._call(self.client.head_bucket, Bucket=bucket)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, method, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
         try:
-            return json.loads(self.read_bytes(name))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{self.path(name)}: corrupt JSON ({err.msg})") from None
+            return method(**kwargs)
+        except NoCredentialsError:
+            raise UserError(f"{self.uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
+                            "AWS_SECRET_ACCESS_KEY or a profile)") from None
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                if method.__name__ in ("head_bucket",) or code == "NoSuchBucket":
+                    raise UserError(f"s3://{self.bucket}: bucket does not exist") from None
+                raise FileNotFoundError(kwargs.get("Key")) from None
+            if code in ("NoSuchKey",):
+                raise FileNotFoundError(kwargs.get("Key")) from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise UserError(f"{self.uri}: access denied ({code}); check the AWS credentials") from None
+            raise UserError(f"{self.uri}: S3 error {code}: {err}") from None
+        except BotoCoreError as err:
+            raise UserError(f"{self.uri}: cannot reach S3 ({err})") from None
 
-    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        self.write_bytes(name, text.encode("utf-8"))
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
 
-    def write_parquet(self, name: str, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> None:
-        table = pa.Table.from_pylist(rows, schema=schema)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self.write_bytes(name, buffer.getvalue())
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(name))
+        except FileNotFoundError:
+            raise UserError(f"{self.uri}/{name}: not found") from None
+        return response["Body"].read()
 
-    def read_parquet(self, name: str) -> list[dict[str, Any]]:
-        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+    def exists(self, name: str) -> bool:
+        try:
+            self._call(self.client.head_object, Bucket=self.bucket, Key=self._key(name))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _keys(self) -> list[str]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return keys
+
+    def is_empty(self) -> bool:
+        return not self._keys()
+
+    def clear(self) -> None:
+        keys = self._keys()
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[start:start + 1000]]
+            self._call(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": chunk})

@@ -25,3 +25,33 @@ def typed_rows(persona: str = "p", n: int = 12) -> list[dict]:
 @pytest.fixture
 def typed_file(tmp_path):
     return write_native(tmp_path / "typed.jsonl", typed_rows())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One private local Ray cluster for the whole session (each start costs seconds)."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=200 * 1024 * 1024, logging_level=logging.WARNING,
+             log_to_driver=False)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def demo_subset(tmp_path, personas=2, per_persona=10) -> Path:
+    """A small native file cut from the built-in demo data (the tests never need ../shared)."""
+    from icm_ray.data import load_demo
+
+    dataset, _ = load_demo()
+    rows = []
+    for name in dataset.personas()[:personas]:
+        for example in [e for e in dataset.examples if e.persona == name][:per_persona]:
+            rows.append({"id": example.id, "persona": name, "claim": example.claim,
+                         "gold": dataset.gold[example.id]})
+    return write_native(tmp_path / "subset.jsonl", rows)
