@@ -147,6 +147,60 @@ def run(
     console.print(f"results in {out}/ (labels.parquet, steering_examples/, trace.parquet, summary.json)")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    address: Annotated[str | None, typer.Option(
+        help="Ray job server (default RAY_JOB_ADDRESS, RAY_ADDRESS, http://127.0.0.1:8265)")] = None,
+    pip: Annotated[list[str] | None, typer.Option(help="extra pip packages for the job (repeatable)")] = None,
+    wait: Annotated[bool, typer.Option(help="wait for the job and print its logs")] = False,
+) -> None:
+    """Send a run to a Ray cluster as a job: `icm-ray submit [--address URL] -- RUN OPTIONS`.
+
+    Everything after `--` is passed to `icm-ray run` on the cluster; local files given to
+    --data/--config/--personas are uploaded with the job. --out must be absolute or s3://.
+    """
+    from icm_ray import jobs
+
+    job_id = jobs.submit(address, list(ctx.args), pip)
+    typer.echo(job_id)
+    if wait:
+        state = jobs.wait(address, job_id)
+        typer.echo(jobs.logs(address, job_id))
+        typer.echo(f"job {job_id}: {state}")
+        if state != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(help="Follow cluster jobs sent with `icm-ray submit`.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+JobAddress = Annotated[str | None, typer.Option(help="Ray job server (default as for submit)")]
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: JobAddress = None) -> None:
+    """Print the job's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from icm_ray import jobs
+
+    typer.echo(jobs.status(address, job_id))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: JobAddress = None) -> None:
+    """Print the job's output so far."""
+    from icm_ray import jobs
+
+    typer.echo(jobs.logs(address, job_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: JobAddress = None) -> None:
+    """Ask the cluster to stop the job."""
+    from icm_ray import jobs
+
+    typer.echo("stopping" if jobs.stop(address, job_id) else "already finished")
+
+
 def main() -> None:
     try:
         app()

@@ -8,6 +8,7 @@ Ray (`--no-ray`, for debugging) the same search code runs here, one persona afte
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import os
 from dataclasses import dataclass
 
 from icm_ray.backends.base import CachingScorer, Scorer
@@ -150,7 +151,6 @@ def _search_actor_class():
 def ensure_ray(address: str | None = None) -> bool:
     """Join the cluster at `address` / RAY_ADDRESS, or start a private local one. True if started."""
     import logging
-    import os
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -169,8 +169,6 @@ def ensure_ray(address: str | None = None) -> bool:
 
 def deploy_model(config: RunConfig):
     """Deploy (or reuse) the model replicas; returns the deployment handle."""
-    import os
-
     from ray import serve
 
     from icm_ray.replicas import MODEL_APP, model_app
@@ -215,10 +213,13 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
         identity = handle.identity.remote().result()
         actor_class = _search_actor_class()
         config_dict = config.model_dump(mode="json")
+        # Actors reach the store with the driver's AWS settings (endpoint, region, credentials).
+        aws_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
         for job in pending_jobs:
             actors[job.persona.name] = actor_class.options(
                 name=actor_name(store.uri, job.persona.name), num_cpus=config.ray.actor_cpus,
                 max_restarts=config.ray.max_restarts, max_task_retries=-1, max_concurrency=2,
+                runtime_env={"env_vars": aws_env} if aws_env else None,
             ).remote(job, config_dict, store.uri, handle)
         refs = {actor.run.remote(): name for name, actor in actors.items()}
         by_name = {job.persona.name: job for job in jobs}

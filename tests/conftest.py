@@ -55,3 +55,58 @@ def demo_subset(tmp_path, personas=2, per_persona=10) -> Path:
             rows.append({"id": example.id, "persona": name, "claim": example.claim,
                          "gold": dataset.gold[example.id]})
     return write_native(tmp_path / "subset.jsonl", rows)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_moto(env_extra: dict):
+    """A real S3 protocol server (moto) on 127.0.0.1, in its own process."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env_extra})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    proc, url = _start_moto({})
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(moto_server, monkeypatch):
+    """AWS settings pointing boto3 at the loopback moto server, and a fresh bucket."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"icm-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
