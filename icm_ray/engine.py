@@ -7,8 +7,8 @@ Ray (`--no-ray`, for debugging) the same search code runs here, one persona afte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from icm_ray.backends.base import CachingScorer, Scorer
@@ -155,6 +155,8 @@ def ensure_ray(address: str | None = None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    for name in ("ray", "ray.serve"):  # progress bars and the summary say what matters
+        logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -188,7 +190,11 @@ def deploy_model(config: RunConfig):
 
 
 def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress: ProgressFn | None = None,
-               address: str | None = None) -> tuple[dict[str, tuple[list[Example], SearchState]], dict]:
+               address: str | None = None, handle=None,
+               ) -> tuple[dict[str, tuple[list[Example], SearchState]], dict]:
+    """Run the personas' searches in parallel actors. Pass `handle` to score through model
+    replicas that are already deployed (they are then left running); otherwise the replicas
+    are deployed for this run and removed after it."""
     import ray
     from ray import serve
 
@@ -196,6 +202,7 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
 
     started = ensure_ray(address)
     actors = {}
+    own_model = False
     try:
         finished: dict[str, tuple[list[Example], SearchState]] = {}
         pending_jobs = []
@@ -209,7 +216,9 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
                         on_progress(job.persona.name, progress_of(state, config.search.iterations))
                     continue
             pending_jobs.append(job)
-        handle = deploy_model(config)
+        own_model = handle is None
+        if own_model:
+            handle = deploy_model(config)
         identity = handle.identity.remote().result()
         actor_class = _search_actor_class()
         config_dict = config.model_dump(mode="json")
@@ -242,10 +251,9 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
     finally:
         for actor in actors.values():
             ray.kill(actor, no_restart=True)
-        if started:
-            serve.shutdown()
+        if started:  # a private cluster: shutting Ray down stops Serve with it
             ray.shutdown()
-        else:
+        elif own_model:
             try:
                 serve.delete(MODEL_APP)
             except Exception:

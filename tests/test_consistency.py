@@ -1,5 +1,4 @@
-from icm_ray.consistency import (build_constraints, consistent_labellings,
-                                 count_inconsistencies, violations)
+from icm_ray.consistency import build_constraints, consistent_labellings, count_inconsistencies, violations
 from icm_ray.data import Example
 
 
