@@ -130,17 +130,20 @@ def run(
                       f"labelled={info['labelled']}" + (" done" if info["finished"] else ""))
             bar.update(tasks[name], completed=info["iteration"], status=status)
 
-        if no_ray:
-            from icm_ray.backends.hf import TransformersScorer
+        try:
+            if no_ray:
+                from icm_ray.backends import load_scorer
 
-            scorer = TransformersScorer(run_config.model.name, run_config.model.dtype,
-                                        run_config.model.threads, run_config.model.device)
-            identity = scorer.identity()
-            finished = run_in_process(jobs, run_config, scorer, store, on_progress)
-        else:
-            from icm_ray.engine import run_on_ray
+                scorer = load_scorer(run_config.model.model_dump())
+                identity = scorer.identity()
+                finished = run_in_process(jobs, run_config, scorer, store, on_progress)
+            else:
+                from icm_ray.engine import run_on_ray
 
-            finished, identity = run_on_ray(jobs, run_config, store, on_progress, address)
+                finished, identity = run_on_ray(jobs, run_config, store, on_progress, address)
+        except KeyboardInterrupt:
+            console.print(f"interrupted; checkpoints kept. Continue with: icm-ray run --resume {out}")
+            raise
     summary = write_run(store, finished, dataset.gold, __import__("json").loads(
         dump_config(run_config)), identity, run_config.prompts)
     print_summary(summary)
@@ -199,6 +202,51 @@ def jobs_stop(job_id: str, address: JobAddress = None) -> None:
     from icm_ray import jobs
 
     typer.echo("stopping" if jobs.stop(address, job_id) else "already finished")
+
+
+@app.command("serve")
+def serve_command(
+    results: Annotated[list[str] | None, typer.Option(
+        "--results", "-r", help="finished runs: directories or s3://bucket/prefix (repeatable)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; loopback unless told otherwise")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    model: Annotated[str | None, typer.Option(help="model for classify/completions/searches")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="run config (model, ray)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join")] = None,
+) -> None:
+    """Serve steering examples over HTTP (Ray Serve + FastAPI); docs at /docs. Ctrl-C stops it."""
+    import signal
+
+    from icm_ray.config import load_config
+    from icm_ray.engine import ensure_ray
+    from icm_ray.models import resolve
+    from icm_ray.steering import load_run
+
+    run_config = load_config(config, {"model": {"name": model}})
+    resolve(run_config.model.name)
+    for uri in results or []:
+        load_run(uri)  # a bad run fails here, in one line, before anything starts
+    started = ensure_ray(address)
+    from icm_ray_serve.app import build_app
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(results or [], run_config.model.model_dump(), run_config.ray.model_dump()),
+              name="icm-api", route_prefix="/")
+    console.print(f"serving {len(results or [])} run(s) on http://{host}:{port}  (docs: /docs)")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete("icm-api")
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def main() -> None:

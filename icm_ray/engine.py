@@ -169,8 +169,11 @@ def ensure_ray(address: str | None = None) -> bool:
     return True
 
 
-def deploy_model(config: RunConfig):
-    """Deploy (or reuse) the model replicas; returns the deployment handle."""
+def deploy_model(config: RunConfig, http: bool = True):
+    """Deploy (or reuse) the model replicas; returns the deployment handle.
+
+    `http=False` (a private cluster for one run) starts Serve without an HTTP proxy.
+    """
     from ray import serve
 
     from icm_ray.replicas import MODEL_APP, model_app
@@ -179,10 +182,11 @@ def deploy_model(config: RunConfig):
     if model["threads"] is None:  # Ray sets OMP threads to the replica's CPU share; use the cores
         model["threads"] = max(1, int(config.ray.replica_cpus),
                                (os.cpu_count() or 1) // config.ray.replicas)
-    try:
-        serve.start(proxy_location="Disabled")
-    except Exception:  # already running on this cluster, with its own HTTP options
-        pass
+    if not http:
+        try:
+            serve.start(proxy_location="Disabled")
+        except Exception:  # already running on this cluster, with its own HTTP options
+            pass
     return serve.run(model_app(model, config.ray.replicas, config.ray.replica_cpus,
                                config.ray.replica_gpus, config.ray.max_batch_size,
                                config.ray.batch_wait_timeout_s),
@@ -218,7 +222,7 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
             pending_jobs.append(job)
         own_model = handle is None
         if own_model:
-            handle = deploy_model(config)
+            handle = deploy_model(config, http=not started)
         identity = handle.identity.remote().result()
         actor_class = _search_actor_class()
         config_dict = config.model_dump(mode="json")
@@ -236,7 +240,14 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
             done, _ = ray.wait(list(refs), timeout=0.5)
             for ref in done:
                 name = refs.pop(ref)
-                state = SearchState.from_dict(ray.get(ref))
+                try:
+                    state = SearchState.from_dict(ray.get(ref))
+                except ray.exceptions.RayTaskError as err:  # show users the cause, not Ray's wrapper
+                    from icm_ray.errors import UserError
+
+                    if isinstance(err.cause, UserError):
+                        raise UserError(f"persona '{name}': {err.cause}") from None
+                    raise
                 finished[name] = (by_name[name].examples, state)
                 if on_progress:
                     on_progress(name, progress_of(state, config.search.iterations))

@@ -51,6 +51,11 @@ class ModelReplica:
     def identity(self) -> dict[str, Any]:
         return self.scorer.identity()
 
+    async def generate(self, prompt: str, max_tokens: int = 16, temperature: float = 0.0,
+                       logprobs: int | None = None, seed: int | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self.scorer.generate, prompt, max_tokens, temperature,
+                                       logprobs, seed)
+
     def check_health(self) -> None:  # Serve calls this; a raising replica is replaced
         pass
 

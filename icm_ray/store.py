@@ -78,6 +78,10 @@ class Store:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         self.write_bytes(name, text.encode("utf-8"))
 
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        lines = self.read_bytes(name).decode("utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
     def write_parquet(self, name: str, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> None:
         table = pa.Table.from_pylist(rows, schema=schema)
         buffer = io.BytesIO()

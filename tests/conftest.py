@@ -34,12 +34,13 @@ def ray_cluster():
 
     import ray
 
+    from ray import serve
+
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=200 * 1024 * 1024, logging_level=logging.WARNING,
              log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # loopback only
     yield ray
-    from ray import serve
-
     serve.shutdown()
     ray.shutdown()
 

@@ -43,6 +43,7 @@ def ray_head():
             proc.kill()
 
 
+@pytest.mark.slow
 def test_submit_runs_the_job_on_the_cluster_and_writes_results(ray_head, tmp_path):
     data = demo_subset(tmp_path, personas=1, per_persona=8)
     out = tmp_path / "job-run"

@@ -80,6 +80,7 @@ def test_killed_actor_restarts_from_checkpoint_with_identical_labels(ray_cluster
     assert crashed == straight
 
 
+@pytest.mark.slow
 def test_replica_killed_mid_run_searches_still_complete(ray_cluster, tmp_path):
     import ray
 

@@ -54,6 +54,7 @@ def test_names_are_sanitised_for_keys_and_paths():
     assert safe_name("a/b") != safe_name("a_b")
 
 
+@pytest.mark.slow
 def test_run_and_resume_on_s3_through_ray(ray_cluster, s3_env, tmp_path, monkeypatch):
     """Results and checkpoints land on S3; an interrupted run resumes from its S3 checkpoints."""
     from icm_ray.cli import main

@@ -58,6 +58,12 @@ class Scorer(ABC):
         """What model this is (name, file hash, dtype): recorded in every run's config.json."""
         return {"backend": type(self).__name__}
 
+    def generate(self, prompt: str, max_tokens: int = 16, temperature: float = 0.0,
+                 logprobs: int | None = None, seed: int | None = None) -> dict[str, Any]:
+        """Continue `prompt`. Returns text, prompt_tokens, completion_tokens, finish_reason and,
+        when `logprobs` is given, OpenAI-style tokens / token_logprobs / top_logprobs."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate text")
+
 
 class CachingScorer(Scorer):
     """Wraps a scorer with an LRU cache keyed by a hash of each request's content."""
@@ -92,3 +98,6 @@ class CachingScorer(Scorer):
 
     def identity(self) -> dict[str, Any]:
         return self.inner.identity()
+
+    def generate(self, *args, **kwargs) -> dict[str, Any]:
+        return self.inner.generate(*args, **kwargs)

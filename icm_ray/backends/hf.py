@@ -75,6 +75,44 @@ class TransformersScorer(Scorer):
         return {"backend": "transformers", "model": self.source.name,
                 "model_sha256": self.source.sha256, "dtype": self.dtype, "device": self.device}
 
+    def generate(self, prompt: str, max_tokens: int = 16, temperature: float = 0.0,
+                 logprobs: int | None = None, seed: int | None = None) -> dict[str, Any]:
+        torch = self.torch
+        ids = self.prefix_tokens + self.tokenize(prompt)
+        if len(ids) + max_tokens > self.max_tokens:
+            raise UserError(f"prompt of {len(ids)} tokens plus {max_tokens} new ones exceeds the "
+                            f"model's context of {self.max_tokens}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
+            "do_sample": False}
+        with torch.inference_mode():
+            out = self.model.generate(
+                torch.tensor([ids], device=self.device),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=self.device),
+                max_new_tokens=max_tokens, output_scores=True, return_dict_in_generate=True,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                top_k=None, top_p=None, **sampling)
+        new = out.sequences[0, len(ids):].tolist()
+        self.tokens_run += len(ids) + len(new)
+        eos = self.tokenizer.eos_token_id
+        finish = "stop" if new and new[-1] == eos else "length"
+        shown = [t for t in new if t != eos]
+        result: dict[str, Any] = {"text": self.tokenizer.decode(shown, skip_special_tokens=True),
+                                  "prompt_tokens": len(ids), "completion_tokens": len(new),
+                                  "finish_reason": finish}
+        if logprobs is not None:
+            tokens, token_logprobs, top = [], [], []
+            for step, token in enumerate(shown):
+                row = torch.log_softmax(out.scores[step][0].float(), dim=-1)
+                tokens.append(self.tokenizer.decode([token]))
+                token_logprobs.append(float(row[token]))
+                values, indices = row.topk(max(1, logprobs))
+                top.append({self.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, indices)})
+            result["logprobs"] = {"tokens": tokens, "token_logprobs": token_logprobs,
+                                  "top_logprobs": top}
+        return result
+
     def tokenize(self, text: str) -> list[int]:
         ids = self._token_memo.get(text)
         if ids is None:

@@ -1,0 +1,298 @@
+"""The Serve application: the model replicas plus a FastAPI ingress for steering examples.
+
+    serve run serve/config.yaml        # declarative (import path icm_ray_serve.app:build)
+    icm-ray serve --results RUN ...    # the same app from the CLI
+
+Glue only: example selection lives in icm_ray.steering, scoring in the model deployment,
+searches in icm_ray.engine. Set ICM_RAY_API_KEY to require `Authorization: Bearer <key>`
+on every endpoint except /healthz.
+"""
+
+
+import math
+import os
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from icm_ray.backends.base import ScoreRequest
+from icm_ray.errors import UserError
+from icm_ray.prompts import PromptConfig
+from icm_ray.results import package_version
+from icm_ray.steering import PersonaEntry, load_run, prompt_block, select
+
+API_KEY_ENV = "ICM_RAY_API_KEY"
+MAX_K = 64
+MAX_STATEMENTS = 64
+MAX_TEXT = 4000
+MAX_BODY_BYTES = 1_000_000
+MAX_CONCURRENT_SEARCHES = 2
+MAX_SEARCH_EXAMPLES = 256
+
+api = FastAPI(title="icm-ray steering API", version=package_version(),
+              description="Persona-specific steering examples inferred by ICM, without human labels.")
+
+
+@api.middleware("http")
+async def guard(request: Request, call_next):
+    """API key (when configured) and a cap on body size, before any handler runs."""
+    key = os.environ.get(API_KEY_ENV)
+    if key and request.url.path != "/healthz" and \
+            request.headers.get("authorization", "") != f"Bearer {key}":
+        return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer ...)"},
+                            status_code=401)
+    length = request.headers.get("content-length")
+    if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"},
+                            status_code=413)
+    return await call_next(request)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Text = Field(min_length=1, max_length=MAX_TEXT)
+
+
+class ClassifyRequest(Strict):
+    statements: list[str] = Field(min_length=1, max_length=MAX_STATEMENTS)
+    k: int = Field(8, ge=0, le=MAX_K, description="steering examples used as demonstrations")
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI-compatible; `persona` (or model "persona:<name>") prepends steering examples."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+    model: str | None = None
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1, le=256)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    n: int = Field(1, ge=1, le=1)
+    stream: Literal[False] = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    persona: str | None = Field(None, max_length=200)
+    k: int = Field(8, ge=0, le=MAX_K)
+
+
+class SearchExample(Strict):
+    id: str = Field(min_length=1, max_length=200)
+    claim: str = Text
+    question: str = Field("", max_length=MAX_TEXT)
+
+
+class SearchRequest(Strict):
+    persona: str = Field(min_length=1, max_length=200)
+    description: str | None = Field(None, max_length=1000)
+    examples: list[SearchExample] | None = Field(None, min_length=1, max_length=MAX_SEARCH_EXAMPLES)
+    data_path: str | None = Field(None, max_length=1000, description="a dataset path on the server")
+    iterations: int = Field(16, ge=0, le=512)
+    seed: int = 0
+
+
+def _text_fields(statements: list[str]) -> None:
+    for index, text in enumerate(statements):
+        if not text.strip() or len(text) > MAX_TEXT:
+            raise HTTPException(422, detail=[{"loc": ["body", "statements", index],
+                                              "msg": f"must be 1 to {MAX_TEXT} characters"}])
+
+
+@serve.deployment(name="SteeringAPI", max_ongoing_requests=64)
+@serve.ingress(api)
+class SteeringAPI:
+    def __init__(self, model, results: list[str], searches_dir: str | None = None,
+                 search_config: dict | None = None):
+        self.model = model
+        self.personas: dict[str, PersonaEntry] = {}
+        for uri in results:
+            self.personas.update(load_run(uri))
+        self.searches: dict[str, dict[str, Any]] = {}
+        self.searches_dir = searches_dir or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "icm-ray", "searches")
+        self.search_config = search_config or {}
+        self.lock = threading.Lock()
+
+    def _persona(self, name: str) -> PersonaEntry:
+        entry = self.personas.get(name)
+        if entry is None:
+            raise HTTPException(404, detail=f"unknown persona '{name}'; see GET /v1/personas")
+        return entry
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "personas": len(self.personas)}
+
+    @api.get("/v1/personas")
+    def personas(self) -> dict:
+        rows = []
+        for entry in self.personas.values():
+            s = entry.summary
+            rows.append({"persona": entry.name, "labelled": s["labelled"], "utility": s["utility"],
+                         "inconsistencies": s["inconsistencies"], "run": entry.run,
+                         "accuracy_vs_gold": s.get("accuracy_vs_gold")})
+        return {"personas": rows}
+
+    @api.get("/v1/personas/{persona}/examples")
+    def examples(self, persona: str, k: int = Query(8, ge=1, le=MAX_K),
+                 query: str | None = Query(None, max_length=MAX_TEXT), balance: bool = False) -> dict:
+        entry = self._persona(persona)
+        chosen = select(entry.examples, k, query, balance)
+        return {"persona": persona, "examples": [
+            {"id": e.id, "text": e.text, "label": e.label, "confidence": e.confidence} for e in chosen],
+            "prompt": prompt_block(entry.header, chosen)}
+
+    @api.post("/v1/personas/{persona}/classify")
+    async def classify(self, persona: str, body: ClassifyRequest) -> dict:
+        entry = self._persona(persona)
+        _text_fields(body.statements)
+        prompts = PromptConfig()
+        chosen = select(entry.examples, body.k, balance=True)
+        prefix = (entry.header, "".join(e.demonstration for e in chosen))
+        requests = [ScoreRequest(prefix, prompts.claim.format(claim=s, question=""), prompts.options)
+                    for s in body.statements]
+        results = await self.model.score.remote(requests)
+        out = []
+        for statement, result in zip(body.statements, results):
+            p_true = math.exp(result.logprobs[0])
+            out.append({"statement": statement, "label": p_true >= 0.5, "probability": p_true})
+        return {"persona": persona, "demonstrations": len(chosen), "results": out}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> dict:
+        persona = body.persona
+        if persona is None and body.model and body.model.startswith("persona:"):
+            persona = body.model.split(":", 1)[1]
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or any(not isinstance(p, str) or len(p) > 4 * MAX_TEXT for p in prompts) \
+                or len(prompts) > 8:
+            raise HTTPException(422, detail=[{"loc": ["body", "prompt"],
+                                              "msg": "1 to 8 prompts of at most 16000 characters"}])
+        prefix = ""
+        if persona is not None:
+            entry = self._persona(persona)
+            prefix = prompt_block(entry.header, select(entry.examples, body.k, balance=True))
+        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        for index, prompt in enumerate(prompts):
+            try:
+                result = await self.model.generate.remote(prefix + prompt, body.max_tokens,
+                                                          body.temperature, body.logprobs, body.seed)
+            except Exception as err:
+                cause = getattr(err, "cause", err)
+                if isinstance(cause, UserError):
+                    raise HTTPException(422, detail=str(cause)) from None
+                raise
+            text, finish = result["text"], result["finish_reason"]
+            stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+            for stop in stops:
+                if stop and stop in text:
+                    text, finish = text[:text.index(stop)], "stop"
+            choices.append({"index": index, "text": text, "finish_reason": finish,
+                            "logprobs": result.get("logprobs")})
+            usage["prompt_tokens"] += result["prompt_tokens"]
+            usage["completion_tokens"] += result["completion_tokens"]
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                "created": int(time.time()), "model": body.model or "icm-ray",
+                "choices": choices, "usage": usage}
+
+    # ------------------------------------------------------------ searches
+
+    @api.post("/v1/searches", status_code=202)
+    def start_search(self, body: SearchRequest) -> dict:
+        from icm_ray.config import RunConfig
+        from icm_ray.data import Dataset, Example, Persona, default_description, load_datasets
+        from icm_ray.engine import plan_jobs, save_inputs
+
+        if (body.examples is None) == (body.data_path is None):
+            raise HTTPException(422, detail=[{"loc": ["body"], "msg": "give exactly one of "
+                                              "'examples' or 'data_path'"}])
+        if body.examples is not None:
+            ids = [e.id for e in body.examples]
+            if len(set(ids)) != len(ids):
+                raise HTTPException(422, detail=[{"loc": ["body", "examples"], "msg": "duplicate id"}])
+            dataset = Dataset([Example(e.id, body.persona, "claim", claim=e.claim, question=e.question)
+                               for e in body.examples])
+        else:
+            try:
+                dataset = load_datasets([body.data_path])
+                dataset = dataset.select_personas([body.persona])
+            except UserError as err:
+                raise HTTPException(422, detail=[{"loc": ["body", "data_path"], "msg": str(err)}]) from None
+        with self.lock:
+            running = sum(1 for s in self.searches.values() if s["status"] == "running")
+            if running >= MAX_CONCURRENT_SEARCHES:
+                raise HTTPException(429, detail=f"{running} searches already running; try later")
+            search_id = f"search-{uuid.uuid4().hex[:12]}"
+            record = {"id": search_id, "persona": body.persona, "status": "running",
+                      "progress": {"iteration": 0, "total": body.iterations}, "error": None}
+            self.searches[search_id] = record
+        config = RunConfig.model_validate({**self.search_config, "search": {
+            **self.search_config.get("search", {}), "iterations": body.iterations, "seed": body.seed}})
+        persona = Persona(body.persona, body.description or default_description(body.persona))
+        from icm_ray.store import RunStore
+
+        store = RunStore(os.path.join(self.searches_dir, search_id))
+        save_inputs(store, config, dataset, {body.persona: persona})
+        jobs = plan_jobs(dataset, {body.persona: persona})
+        threading.Thread(target=self._run_search, args=(record, jobs, config, store, dataset),
+                         daemon=True).start()
+        return {"id": search_id, "status": "running"}
+
+    def _run_search(self, record, jobs, config, store, dataset) -> None:
+        from icm_ray.engine import run_on_ray
+        from icm_ray.results import write_run
+
+        def progress(_name: str, info: dict) -> None:
+            record["progress"] = info
+
+        try:
+            finished, identity = run_on_ray(jobs, config, store, progress, handle=self.model)
+            write_run(store, finished, dataset.gold, config.model_dump(mode="json"), identity,
+                      config.prompts)
+            self.personas.update(load_run(store.uri))
+            record["summary"] = store.read_json("summary.json")["personas"][0]
+            record["status"] = "finished"
+        except Exception as err:  # reported through GET /v1/searches/{id}
+            record["status"] = "failed"
+            record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+
+    @api.get("/v1/searches/{search_id}")
+    def search_status(self, search_id: str) -> dict:
+        record = self.searches.get(search_id)
+        if record is None:
+            raise HTTPException(404, detail=f"unknown search '{search_id}'")
+        return record
+
+
+def build_app(results: list[str], model: dict | None = None, ray: dict | None = None,
+              searches_dir: str | None = None, api_key: str | None = None):
+    """The whole application: model replicas plus the API ingress that calls them."""
+    from icm_ray.config import RunConfig
+    from icm_ray.replicas import model_app
+
+    config = RunConfig.model_validate({"model": model or {}, "ray": ray or {}})
+    model_options = config.model.model_dump()
+    if model_options["threads"] is None:
+        model_options["threads"] = max(1, (os.cpu_count() or 1) // config.ray.replicas)
+    replicas = model_app(model_options, config.ray.replicas, config.ray.replica_cpus,
+                         config.ray.replica_gpus, config.ray.max_batch_size,
+                         config.ray.batch_wait_timeout_s)
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    options = {"runtime_env": {"env_vars": {API_KEY_ENV: key}}} if key else {}
+    return SteeringAPI.options(ray_actor_options={"num_cpus": 0.1, **options}).bind(
+        replicas, list(results), searches_dir, {"model": config.model.model_dump(mode="json")})
+
+
+def build(args: dict[str, Any]):
+    """Application builder for `serve run serve/config.yaml` (args from the YAML)."""
+    return build_app(args.get("results", []), args.get("model"), args.get("ray"),
+                     args.get("searches_dir"))
