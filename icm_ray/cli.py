@@ -227,8 +227,9 @@ def serve_command(
     for uri in results or []:
         load_run(uri)  # a bad run fails here, in one line, before anything starts
     started = ensure_ray(address)
-    from icm_ray_serve.app import build_app
     from ray import serve
+
+    from icm_ray_serve.app import build_app
 
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(results or [], run_config.model.model_dump(), run_config.ray.model_dump()),

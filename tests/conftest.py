@@ -33,7 +33,6 @@ def ray_cluster():
     import logging
 
     import ray
-
     from ray import serve
 
     ray.init(address="local", num_cpus=2, include_dashboard=False,

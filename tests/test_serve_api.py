@@ -16,7 +16,6 @@ from icm_ray.results import write_run
 from icm_ray.store import RunStore
 from tests.conftest import demo_subset
 
-
 SMALL = {"replica_cpus": 0.5}  # two apps' replicas fit on the 2-CPU test cluster
 
 
