@@ -16,7 +16,7 @@ from icm_ray.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Persona-specific steering examples without human labels (ICM on Ray).")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay copyable on one line
 
 
 @app.callback()
@@ -84,9 +84,9 @@ def run(
 
     if resume is not None:
         if data or persona or personas_file or config or model or iterations is not None \
-                or seed is not None:
-            raise UserError("--resume continues a run exactly as it was started; "
-                            "give no data, persona, model or config options with it")
+                or seed is not None or out is not None or overwrite or data_format != "auto":
+            raise UserError("--resume continues a run exactly as it was started, in its own directory; "
+                            "give no --out, data, persona, model or config options with it")
         store = open_store(str(resume))
         if not store.exists("inputs.json"):
             raise UserError(f"{resume}: not a run directory (no inputs.json)")
@@ -104,17 +104,23 @@ def run(
                 definitions.update(data_module.load_personas(personas_file))
         if persona:
             dataset = dataset.select_personas(persona)
+        unused = sorted(set(definitions) - set(dataset.personas()))
+        if unused and personas_file:
+            console.print(f"warning: {personas_file} defines personas not in the data: {', '.join(unused)}")
         personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
         from icm_ray.models import resolve
 
         resolve(run_config.model.name)  # fail now, not inside a replica, on a bad model name
+        if out is not None and not out.strip():
+            raise UserError("--out is empty; give a directory or s3://bucket/prefix")
         out = out or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
         store = open_store(str(out))
         if not store.is_empty():
             if not overwrite:
                 raise UserError(f"{out}: run directory is not empty; use --resume {out} to "
                                 "continue it, --overwrite to replace it, or another --out")
-            store.clear()
+            store.clear()  # refuses anything that is not a previous run
+        store.check_writable()
         save_inputs(store, run_config, dataset, personas)
     jobs = plan_jobs(dataset, personas)
     console.print(f"run {out}: {len(jobs)} personas, {len(dataset.examples)} examples, "

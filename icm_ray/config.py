@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,7 +19,8 @@ class ModelConfig(BaseModel):
 
     backend: str = Field("transformers", description="scorer backend (see icm_ray.backends)")
     name: str = Field("smollm2-135m", description="named model, .gguf file or HF directory")
-    dtype: str = Field("auto", description="auto (bf16 where the CPU has it), float32, bfloat16")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (bf16 where the CPU has it), float32, bfloat16, float16")
     threads: int | None = Field(None, ge=1, description="torch threads per replica")
     device: str = "cpu"
 

@@ -21,6 +21,7 @@ from icm_ray.errors import UserError
 Kind = Literal["claim", "comparison"]
 SUPPORTED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 FORMATS = ("auto", "native", "icm", "anthropic")
+MAX_TEXT = 10_000  # characters per field: longer texts would not fit a prompt with demonstrations
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ def _text(row: dict, name: str, where: str, required: bool) -> str:
         raise UserError(f"{where}: field '{name}': expected text, got {type(value).__name__}")
     if required and not value.strip():
         raise UserError(f"{where}: field '{name}': missing or empty")
+    if len(value) > MAX_TEXT:
+        raise UserError(f"{where}: field '{name}': {len(value):,} characters, more than {MAX_TEXT:,}")
     return value
 
 
@@ -115,11 +118,22 @@ def _optional(row: dict, name: str, where: str) -> str | None:
     return text if text.strip() else None
 
 
+def _scalar(value: Any, where: str, name: str, required: bool) -> str | None:
+    """A key-like field (id, group, answer): text or a number, never null/list/object."""
+    if value is None:
+        if required:
+            raise UserError(f"{where}: field '{name}': must be text or a number, got null")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"{where}: field '{name}': must be text or a number, got {type(value).__name__}")
+    return str(value)
+
+
 # ---------------------------------------------------------------- row readers
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a leading BOM (Excel, Windows) is fine
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -133,10 +147,14 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames:
             return
+        header = set(reader.fieldnames)
+        if "id" not in header or not header & {"claim", "response_a", "statement"}:
+            raise UserError(f"{path}:1: header must name the columns, with at least 'id' and 'claim' "
+                            f"(found {', '.join(reader.fieldnames)[:200]})")
         for row in reader:
             if None in row:
                 raise UserError(f"{path}:{reader.line_num}: more values than header columns")
@@ -194,8 +212,8 @@ def _anthropic(path: Path, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[s
         answer = row.get("answer_matching_behavior")
         if answer is None:
             gold = None
-        elif isinstance(answer, str) and answer.strip() in ("Yes", "No"):
-            gold = answer.strip() == "Yes"
+        elif isinstance(answer, str) and answer.strip().lower() in ("yes", "no"):
+            gold = answer.strip().lower() == "yes"
         else:
             raise UserError(f"{where}: field 'answer_matching_behavior': expected ' Yes' or ' No', "
                             f"got {answer!r}")
@@ -205,7 +223,7 @@ def _anthropic(path: Path, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[s
 
 def _icm_reference(path: Path) -> Iterator[tuple[str, Example, bool | None]]:
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(items, list):
@@ -219,10 +237,10 @@ def _icm_reference(path: Path) -> Iterator[tuple[str, Example, bool | None]]:
         choice_2 = _optional(row, "choice_2", where)
         if "consistency_id" not in row:
             raise UserError(f"{where}: field 'consistency_id': missing")
-        group = str(row["consistency_id"])
-        answer = row.get("answer")
-        key = None if answer is None else str(answer)
-        uid = row.get("uid", row.get("id", f"{path.stem}-{index:05d}"))
+        group = _scalar(row["consistency_id"], where, "consistency_id", required=True)
+        key = _scalar(row.get("answer"), where, "answer", required=False)
+        uid = (_scalar(row.get("uid", row.get("id")), where, "uid", required=False)
+               or f"{path.stem}-{index:05d}")
         if choice_2 is not None:
             example = Example(id=str(uid), persona=path.stem, kind="comparison", question=question,
                               response_a=choice, response_b=choice_2, group=group, key=key)

@@ -161,10 +161,10 @@ def ensure_ray(address: str | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         return False
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-             object_store_memory=300 * 1024 * 1024, logging_level=logging.WARNING,
+             object_store_memory=300 * 1024 * 1024, logging_level=logging.ERROR,
              log_to_driver=False)
     return True
 

@@ -118,15 +118,30 @@ def resolve(name: str) -> ModelSource:
     else:
         path = Path(name).expanduser()
         if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+            _check_hf_dir(path)
             return ModelSource(name, path, None, None)
         if path.is_file() and path.suffix == ".gguf":
+            with path.open("rb") as handle:
+                if handle.read(4) != b"GGUF":
+                    raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes)")
             gguf = path
         else:
             raise UserError(f"unknown model '{name}': use one of {', '.join(NAMED_MODELS)}, "
                             "a .gguf file or a Hugging Face model directory")
     return ModelSource(name, gguf.parent, gguf.name, _hash_cached(gguf))
+
+
+def _check_hf_dir(path: Path) -> None:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{path}: not a Hugging Face model directory (no readable config.json)") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"{path}: config.json has no 'model_type'; not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"{path}: no weights (*.safetensors or *.bin) in the model directory")
 
 
 def converted_dir(source: ModelSource) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, field_validator, model_validator
 
 from icm_ray.data import Example, Persona
 
@@ -42,6 +42,19 @@ class PromptConfig(BaseModel):
     def _query_fields(cls, value: str) -> str:
         _check(value, {"claim": "c", "question": "q", "response_a": "a", "response_b": "b"})
         return value
+
+    @field_validator("true_label", "false_label")
+    @classmethod
+    def _label_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a label verbaliser must contain a word, e.g. ' True'")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> PromptConfig:
+        if self.true_label.strip() == self.false_label.strip():
+            raise ValueError("true_label and false_label must differ")
+        return self
 
     @property
     def options(self) -> tuple[str, str]:

@@ -53,7 +53,8 @@ def steering_rows(examples: Sequence[Example], state: SearchState,
     for row, example in zip(label_rows("", examples, state), examples):
         if row["label"] is None:
             continue
-        rows.append({"id": example.id, "text": query_text(prompts, example), "label": row["label"],
+        rows.append({"id": example.id, "persona": example.persona,
+                     "text": query_text(prompts, example), "label": row["label"],
                      "confidence": row["confidence"],
                      "demonstration": demonstration_text(prompts, example, row["label"])})
     rows.sort(key=lambda r: -(r["confidence"] or 0.0))
@@ -87,6 +88,7 @@ def persona_summary(persona: str, examples: Sequence[Example], state: SearchStat
         "gold_labelled": len(with_gold),
         "zero_shot_accuracy": zero_shot,
         "orientation": state.orientation,
+        "steering_file": f"steering_examples/{safe_name(persona)}.jsonl",
         "tokens_run": state.tokens_run,
         "prompt_tokens": state.prompt_tokens,
         "tokens_cached": state.prompt_tokens - state.tokens_run,

@@ -10,8 +10,9 @@ the last step the search settles orientation with this rule (documented in the R
 1. human labels clamped into the search (`--clamp`) anchor it: nothing is flipped;
 2. otherwise the labels are compared with the model's zero-shot prior under the persona
    header (log-odds of True, centred on their median over the pool, so no gold and no
-   threshold is needed): if they disagree on average, every label is flipped, unless the
-   flip would add inconsistencies. A permutation test says how sure that decision is.
+   threshold is needed): if they disagree on average, and a permutation test says the
+   disagreement is real (p <= orientation_p_max), every label is flipped, unless the flip
+   would add inconsistencies. The p-value is reported as how sure the decision is.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SearchConfig(BaseModel):
     cooling_rate: float = Field(0.99, ge=0, description="beta in T0 / (1 + beta log n)")
     seed_labels: int = Field(8, ge=0, description="K random, balanced seed labels")
     iterations: int = Field(64, ge=0, description="search steps per persona")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     fix_rounds: int = Field(10, ge=0, description="consistency-fix rounds per step")
     group_weight: float = Field(100.0, gt=0, description="sampling weight of unlabelled "
                                 "examples whose group already has labelled members")
@@ -62,6 +63,8 @@ class SearchConfig(BaseModel):
         None, description="extra rule for groups of claims without keys")
     orientation: Literal["prior", "none"] = "prior"
     permutations: int = Field(2000, ge=0, description="permutation-test draws for orientation")
+    orientation_p_max: float = Field(0.2, gt=0, le=1, description="flip only on prior evidence at "
+                                     "least this strong (permutation p-value)")
 
 
 @dataclass
@@ -265,6 +268,8 @@ class ICMSearch:
             info["decision"] = "anchored by human labels"
         elif self.config.orientation == "none" or agreement >= 0:
             info["decision"] = "kept"
+        elif p_value > self.config.orientation_p_max:
+            info["decision"] = "kept (prior inconclusive)"
         else:
             flipped = {p: (not y) if p not in self.clamp else y for p, y in labelled.items()}
             flip_list = [flipped.get(p) for p in range(len(self.examples))]

@@ -87,6 +87,7 @@ class PersonaEntry:
     summary: dict[str, Any]
     run: str
     examples: list[SteeringExample]
+    prompts: Any = None  # the run's PromptConfig: new statements are rendered the same way
 
 
 def load_run(uri: str) -> dict[str, PersonaEntry]:
@@ -108,7 +109,7 @@ def load_run(uri: str) -> dict[str, PersonaEntry]:
         persona = Persona(name, inputs["personas"][name])
         rows = store.read_jsonl(f"steering_examples/{safe_name(name)}.jsonl")
         entries[name] = PersonaEntry(name, header_text(prompts, persona), row, uri,
-                                     [SteeringExample.from_row(r) for r in rows])
+                                     [SteeringExample.from_row(r) for r in rows], prompts)
     return entries
 
 

@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 from icm_ray.errors import UserError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def safe_name(name: str) -> str:
@@ -60,6 +62,9 @@ class Store:
         raise NotImplementedError
 
     def is_empty(self) -> bool:
+        raise NotImplementedError
+
+    def check_writable(self) -> None:
         raise NotImplementedError
 
     def clear(self) -> None:
@@ -103,11 +108,18 @@ class RunStore(Store):
         return not (self.root.is_dir() and any(self.root.iterdir()))
 
     def clear(self) -> None:
-        """Remove everything in the run directory (for --overwrite)."""
+        """Remove a previous run (for --overwrite); refuses a directory that is not a run."""
         import shutil
 
-        if self.root.is_dir():
+        if not self.root.is_dir():
+            return
+        if not (self.exists("inputs.json") or self.exists("summary.json")):
+            raise UserError(f"{self.root}: not an icm-ray run directory (no inputs.json); "
+                            "refusing to delete it, choose another --out")
+        try:
             shutil.rmtree(self.root)
+        except OSError as err:
+            raise UserError(f"{self.root}: cannot remove the previous run ({err.strerror})") from None
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -117,17 +129,32 @@ class RunStore(Store):
 
     def write_bytes(self, name: str, data: bytes) -> None:
         target = self.path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        except OSError as err:
+            raise UserError(f"{target.parent}: cannot write there ({err.strerror})") from None
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
+            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+    def check_writable(self) -> None:
+        """Fail now, in one line, if the run directory cannot be created or written."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root}: exists and is not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe.", delete=True)
+            probe.close()
+        except OSError as err:
+            raise UserError(f"{self.root}: cannot write there ({err.strerror})") from None
 
     def read_bytes(self, name: str) -> bytes:
         try:
@@ -175,7 +202,8 @@ class S3Store(Store):
                 raise UserError(f"{self.uri}: access denied ({code}); check the AWS credentials") from None
             raise UserError(f"{self.uri}: S3 error {code}: {err}") from None
         except BotoCoreError as err:
-            raise UserError(f"{self.uri}: cannot reach S3 ({err})") from None
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{self.uri}: cannot reach S3 ({first})") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
@@ -204,7 +232,12 @@ class S3Store(Store):
     def is_empty(self) -> bool:
         return not self._keys()
 
+    def check_writable(self) -> None:
+        """The bucket was checked when the store opened; S3 has nothing more to probe."""
+
     def clear(self) -> None:
+        if not (self.exists("inputs.json") or self.exists("summary.json")):
+            raise UserError(f"{self.uri}: not an icm-ray run (no inputs.json); refusing to delete it")
         keys = self._keys()
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start:start + 1000]]

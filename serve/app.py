@@ -154,7 +154,7 @@ class SteeringAPI:
     async def classify(self, persona: str, body: ClassifyRequest) -> dict:
         entry = self._persona(persona)
         _text_fields(body.statements)
-        prompts = PromptConfig()
+        prompts = entry.prompts or PromptConfig()
         chosen = select(entry.examples, body.k, balance=True)
         prefix = (entry.header, "".join(e.demonstration for e in chosen))
         requests = [ScoreRequest(prefix, prompts.claim.format(claim=s, question=""), prompts.options)

@@ -164,3 +164,72 @@ def test_unknown_persona_lists_known_ones(tmp_path):
     ds = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD])])
     with pytest.raises(UserError, match="the data has p"):
         ds.select_personas(["q"])
+
+
+def _run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["icm-ray", "run", "--no-ray", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    data = write_native(tmp_path / "d.jsonl", [GOOD])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    code, err = _run_cli(monkeypatch, capsys, "--data", str(data), "--out", str(mine), "--overwrite")
+    assert code == 2 and "not an icm-ray run directory" in err and err.count("\n") == 0
+    assert (mine / "precious.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    ("file", ["--out", "{tmp}/afile"], "exists and is not a directory"),
+    ("", ["--out", "/proc/no/such"], "cannot write there"),
+    ("", ["--seed", "-1"], "field 'search.seed'"),
+    ("gguf", ["--model", "{tmp}/fake.gguf"], "not a GGUF file"),
+    ("hfdir", ["--model", "{tmp}/fakemodel"], "no 'model_type'"),
+    ("", ["--config", "CONFIG:prompts:\n  true_label: ' '\n"], "field 'prompts.true_label'"),
+    ("", ["--config", "CONFIG:prompts:\n  true_label: ' Yes'\n  false_label: ' Yes'\n"], "must differ"),
+    ("", ["--config", "CONFIG:model:\n  dtype: float128\n"], "field 'model.dtype'"),
+    ("", ["--resume", "{tmp}/r", "--out", "{tmp}/x"], "give no --out"),
+    ("", ["--out", ""], "--out is empty"),
+])
+def test_bad_paths_models_and_options(tmp_path, monkeypatch, capsys, setup, args, message):
+    data = write_native(tmp_path / "d.jsonl", [GOOD])
+    if setup == "file":
+        (tmp_path / "afile").write_text("x")
+    if setup == "gguf":
+        (tmp_path / "fake.gguf").write_bytes(b"not a model")
+    if setup == "hfdir":
+        (tmp_path / "fakemodel").mkdir()
+        (tmp_path / "fakemodel" / "config.json").write_text("{}")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    for i, a in enumerate(args):
+        if a.startswith("CONFIG:"):
+            (tmp_path / "c.yaml").write_text(a[len("CONFIG:"):])
+            args[i] = str(tmp_path / "c.yaml")
+    extra = [] if "--resume" in args else ["--data", str(data)]
+    if "--out" not in args and "--resume" not in args:
+        extra += ["--out", str(tmp_path / "run")]
+    code, err = _run_cli(monkeypatch, capsys, *extra, *args)
+    assert code == 2 and message in err and err.count("\n") == 0, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_quirks_are_handled(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert load_datasets([bom]).examples[0].id == "x"
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps([{"question": "q", "choice": "c", "label": 1, "consistency_id": None}]))
+    with pytest.raises(UserError, match="field 'consistency_id': must be text or a number"):
+        load_datasets([ref])
+    nohead = tmp_path / "nohead.csv"
+    nohead.write_text("a,p,c\nb,p,d\n")
+    with pytest.raises(UserError, match="nohead.csv:1: header must name the columns"):
+        load_datasets([nohead])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({**GOOD, "claim": "x" * 20_000}) + "\n")
+    with pytest.raises(UserError, match="more than 10,000"):
+        load_datasets([long])

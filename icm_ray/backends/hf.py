@@ -53,15 +53,25 @@ class TransformersScorer(Scorer):
             torch.set_num_threads(threads)
         self.torch = torch
         self.source = models.resolve(model)
-        folder = models.converted_dir(self.source)
+        try:
+            folder = models.converted_dir(self.source)
+        except UserError:
+            raise
+        except Exception as err:  # transformers' own errors are long; name the model and the cause
+            raise UserError(f"{model}: cannot load the model ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
         if dtype == "auto":  # bf16 is slower than fp32 on CPUs without native bf16
             dtype = "bfloat16" if device != "cpu" or cpu_has_fast_bf16() else "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16, float16)")
         self.dtype = dtype
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        except Exception as err:
+            raise UserError(f"{model}: cannot load the model ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
         self.model.to(device).eval()
         probe = self.tokenizer("a").input_ids
         bos = self.tokenizer.bos_token_id
@@ -187,10 +197,10 @@ class TransformersScorer(Scorer):
                 group.append((kind, item))
                 size += item_size
                 continue
-            self._forward(item.tokens, cache)
             if depth + len(item.tokens) > self.max_tokens:
                 raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
-                                "context; use fewer examples per persona")
+                                "context; use fewer or shorter examples per persona")
+            self._forward(item.tokens, cache)
             self._walk(item, cache, depth + len(item.tokens))
             cache.crop(-len(item.tokens))
         if group:
