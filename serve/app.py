@@ -43,8 +43,8 @@ api = FastAPI(title="icm-ray steering API", version=package_version(),
 async def guard(request: Request, call_next):
     """API key (when configured) and a cap on body size, before any handler runs."""
     key = os.environ.get(API_KEY_ENV)
-    if key and request.url.path != "/healthz" and \
-            request.headers.get("authorization", "") != f"Bearer {key}":
+    path = request.url.path[len(request.scope.get("root_path", "")):]  # under any route prefix
+    if key and path != "/healthz" and request.headers.get("authorization", "") != f"Bearer {key}":
         return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer ...)"},
                             status_code=401)
     length = request.headers.get("content-length")

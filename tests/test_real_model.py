@@ -93,7 +93,7 @@ def test_short_search_on_the_real_model(scorer, demo):
     search = ICMSearch(examples[:10], persona, CachingScorer(scorer), config)
     state = search.run()
     assert 4 <= len(state.labelled) <= 7
-    assert state.finished and state.orientation["decision"] in ("kept", "flipped")
+    assert state.finished and state.orientation["decision"].startswith(("kept", "flipped"))
     assert len(state.trace) == 3 and state.tokens_run > 0
     assert state.prompt_tokens > state.tokens_run  # prefix reuse served part of the prompts
     again = ICMSearch(examples[:10], persona, CachingScorer(scorer), config).run()
