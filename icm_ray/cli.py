@@ -77,7 +77,7 @@ def run(
 ) -> None:
     """Run one ICM search per persona and write labels, steering examples and a summary."""
     from icm_ray import data as data_module
-    from icm_ray.config import dump_config, load_config
+    from icm_ray.config import load_config
     from icm_ray.engine import load_inputs, plan_jobs, run_in_process, save_inputs
     from icm_ray.results import write_run
     from icm_ray.store import open_store
@@ -150,8 +150,8 @@ def run(
         except KeyboardInterrupt:
             console.print(f"interrupted; checkpoints kept. Continue with: icm-ray run --resume {out}")
             raise
-    summary = write_run(store, finished, dataset.gold, __import__("json").loads(
-        dump_config(run_config)), identity, run_config.prompts)
+    summary = write_run(store, finished, dataset.gold, run_config.model_dump(mode="json"), identity,
+                        run_config.prompts)
     print_summary(summary)
     console.print(f"results in {out}/ (labels.parquet, steering_examples/, trace.parquet, summary.json)")
 

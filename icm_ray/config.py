@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +83,3 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise UserError(_describe(err, source)) from None
-
-
-def dump_config(config: RunConfig) -> str:
-    return json.dumps(config.model_dump(mode="json"), indent=2)
