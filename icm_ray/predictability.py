@@ -15,6 +15,7 @@ N log2 N demonstration tokens per evaluation instead of N^2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,16 +70,32 @@ def leave_one_out_requests(
     return out
 
 
+def calibrated_logprob(log_odds: float, bias: float, label: bool) -> float:
+    """log P(label) after removing a shared bias from the log-odds (contextual calibration)."""
+    shifted = log_odds - bias
+    return -math.log1p(math.exp(-shifted)) if label else -math.log1p(math.exp(shifted))
+
+
 def evaluate(scorer: Scorer, header: str, examples: Sequence[Example], labels: dict[int, bool],
-             prompts: PromptConfig, alpha: float, inconsistency: int) -> Evaluation:
-    """Score every labelled example given all the others; U = alpha * mean log-prob - I."""
+             prompts: PromptConfig, alpha: float, inconsistency: int,
+             calibrate: bool = False) -> Evaluation:
+    """Score every labelled example given all the others; U = alpha * mean log-prob - I.
+
+    With `calibrate`, each example's log-odds are first centred on their mean over the set,
+    so a set cannot become "predictable" just by giving every example the label the model
+    leans towards (an optional, non-paper objective; off by default).
+    """
     if not labels:
         return Evaluation({}, 0.0, inconsistency, -float(inconsistency), 0, 0)
     requests = leave_one_out_requests(header, examples, labels, list(labels), prompts)
     order = list(requests)
     results = scorer.score([requests[p] for p in order])
     logprobs = {p: (r.logprobs[0], r.logprobs[1]) for p, r in zip(order, results)}
-    total = sum(logprobs[p][0 if labels[p] else 1] for p in labels)
+    if calibrate:
+        bias = sum(lp[0] - lp[1] for lp in logprobs.values()) / len(logprobs)
+        total = sum(calibrated_logprob(logprobs[p][0] - logprobs[p][1], bias, labels[p]) for p in labels)
+    else:
+        total = sum(logprobs[p][0 if labels[p] else 1] for p in labels)
     predictability = total / len(labels)
     return Evaluation(
         logprobs=logprobs,

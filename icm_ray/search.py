@@ -62,6 +62,8 @@ class SearchConfig(BaseModel):
     group_rule: Literal["equal", "exclusive"] | None = Field(
         None, description="extra rule for groups of claims without keys")
     orientation: Literal["prior", "none"] = "prior"
+    calibrate: bool = Field(False, description="centre log-odds on the set's mean before scoring "
+                            "(guards against one-sided label sets; not in the paper)")
     permutations: int = Field(2000, ge=0, description="permutation-test draws for orientation")
     orientation_p_max: float = Field(0.2, gt=0, le=1, description="flip only on prior evidence at "
                                      "least this strong (permutation p-value)")
@@ -124,7 +126,8 @@ class ICMSearch:
     def _evaluate(self, labels: dict[int, bool], state: SearchState) -> Evaluation:
         as_list: list[bool | None] = [labels.get(p) for p in range(len(self.examples))]
         ev = evaluate(self.scorer, self.header, self.examples, labels, self.prompts,
-                      self.config.alpha, count_inconsistencies(self.constraints, as_list))
+                      self.config.alpha, count_inconsistencies(self.constraints, as_list),
+                      self.config.calibrate)
         state.tokens_run += ev.tokens_run
         state.prompt_tokens += ev.prompt_tokens
         return ev
@@ -194,7 +197,11 @@ class ICMSearch:
             state.tokens_run += result.tokens_run
             state.prompt_tokens += result.prompt_tokens
             proposed = dict(current)
-            proposed[position] = result.logprobs[0] >= result.logprobs[1]
+            log_odds = result.logprobs[0] - result.logprobs[1]
+            bias = 0.0
+            if self.config.calibrate and state.logprobs:
+                bias = sum(a - b for a, b in state.logprobs.values()) / len(state.logprobs)
+            proposed[position] = log_odds >= bias
             if proposed != current:
                 ev = self._evaluate(proposed, state)
                 proposed, ev = self._fix(proposed, ev, state, rng)

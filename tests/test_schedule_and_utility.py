@@ -50,3 +50,19 @@ def test_leave_one_out_prompt_contains_exactly_the_others():
         assert request.query == f"Statement: s{p}\nLabel:"
     # divide and conquer: prompts of one half share the other half as a leading segment
     assert requests[0].segments[1] == requests[1].segments[1] == requests[2].segments[1]
+
+
+def test_calibrated_utility_removes_a_shared_bias():
+    from icm_ray.predictability import calibrated_logprob
+
+    prompts = PromptConfig()
+    # the model leans True on everything: raw P rewards labelling all True, calibrated P does not
+    table = {f"Statement: s{i}\nLabel:": (math.log(0.9), math.log(0.1)) for i in range(4)}
+    all_true = {p: True for p in range(4)}
+    raw = evaluate(TableScorer(table), "H", examples(4), all_true, prompts, alpha=1, inconsistency=0)
+    cal = evaluate(TableScorer(table), "H", examples(4), all_true, prompts, alpha=1, inconsistency=0,
+                   calibrate=True)
+    assert raw.predictability == pytest.approx(math.log(0.9))
+    assert cal.predictability == pytest.approx(math.log(0.5))
+    assert calibrated_logprob(2.0, 2.0, True) == pytest.approx(math.log(0.5))
+    assert calibrated_logprob(3.0, 1.0, False) == pytest.approx(math.log(1 / (1 + math.exp(2))))

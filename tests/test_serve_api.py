@@ -168,6 +168,12 @@ def test_search_endpoint_runs_icm_and_publishes_the_persona(api):
                                                 "examples": examples, "iterations": 2})
     assert started.status_code == 202
     search_id = started.json()["id"]
+    second = client.post("/v1/searches", json={"persona": "green2", "examples": examples[:3],
+                                               "iterations": 1})
+    assert second.status_code == 202
+    third = client.post("/v1/searches", json={"persona": "green3", "examples": examples[:3],
+                                              "iterations": 1})
+    assert third.status_code == 429 and "already running" in third.json()["detail"]
     for _ in range(240):
         state = client.get(f"/v1/searches/{search_id}").json()
         if state["status"] != "running":
@@ -210,3 +216,20 @@ def test_api_key_required_when_set(ray_cluster, finished_run):
             assert ok.status_code == 200 and ok.json()["personas"]
     finally:
         serve.delete("icm-api-key")
+
+
+def test_declarative_config_builds_the_same_app(finished_run):
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.handle import DeploymentHandle  # noqa: F401  (Serve's API is importable)
+
+    from icm_ray_serve.app import build
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "icm_ray_serve.app:build"
+    assert config["http_options"]["host"] == "127.0.0.1"
+    uri, _ = finished_run
+    app = build({**application["args"], "results": [uri]})
+    assert type(app).__name__ == "Application"
