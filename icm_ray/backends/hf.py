@@ -80,6 +80,13 @@ class TransformersScorer(Scorer):
         self._token_memo: dict[str, list[int]] = {}
         self.tokens_run = 0
         self.pack_tokens = pack_tokens  # subtrees up to this size share one forward pass
+        # Sliding-window layers (Gemma 3) drop old states that a crop-and-branch walk needs,
+        # and a custom tree mask would bypass their window: keep every state, let the model
+        # build its own masks, and do not pack.
+        layer_types = getattr(self.model.config, "layer_types", None) or []
+        self.sliding = any("sliding" in str(t) for t in layer_types)
+        if self.sliding:
+            self.pack_tokens = 0
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "transformers", "model": self.source.name,
@@ -164,7 +171,7 @@ class TransformersScorer(Scorer):
         self._results: list[ScoreResult | None] = [None] * len(requests)
         self._pending = 0
         with self.torch.inference_mode():
-            cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache() if self.sliding else DynamicCache(config=self.model.config)
             if root.tokens:
                 self._forward(root.tokens, cache)
             self._walk(root, cache, len(root.tokens))
@@ -248,8 +255,11 @@ class TransformersScorer(Scorer):
             mask[rows, depth + start: depth + start + length] = torch.ones(
                 (length, length), dtype=torch.bool).tril()
         keep = torch.tensor([r[1] for r in readouts])
-        logits = self._forward(tokens, cache, mask[None, None].to(self.device),
-                               torch.tensor([positions], device=self.device), keep)
+        if len(blocks) == 1:  # one plain continuation: the model builds its own (sliding) masks
+            logits = self._forward(tokens, cache, keep=keep)
+        else:
+            logits = self._forward(tokens, cache, mask[None, None].to(self.device),
+                                   torch.tensor([positions], device=self.device), keep)
         cache.crop(-count)
         charged: set[int] = set()
         pending_outside = self._pending - count  # tokens run before this pack, not yet charged
