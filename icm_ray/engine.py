@@ -178,19 +178,12 @@ def deploy_model(config: RunConfig, http: bool = True):
 
     from icm_ray.replicas import MODEL_APP, model_app
 
-    model = config.model.model_dump()
-    if model["threads"] is None:  # Ray sets OMP threads to the replica's CPU share; use the cores
-        model["threads"] = max(1, int(config.ray.replica_cpus),
-                               (os.cpu_count() or 1) // config.ray.replicas)
     if not http:
         try:
             serve.start(proxy_location="Disabled")
         except Exception:  # already running on this cluster, with its own HTTP options
             pass
-    return serve.run(model_app(model, config.ray.replicas, config.ray.replica_cpus,
-                               config.ray.replica_gpus, config.ray.max_batch_size,
-                               config.ray.batch_wait_timeout_s),
-                     name=MODEL_APP, route_prefix=None)
+    return serve.run(model_app(config), name=MODEL_APP, route_prefix=None)
 
 
 def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress: ProgressFn | None = None,

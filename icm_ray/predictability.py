@@ -70,6 +70,11 @@ def leave_one_out_requests(
     return out
 
 
+def mean_log_odds(logprobs: dict[int, tuple[float, float]]) -> float:
+    """The bias calibration removes: the mean log P(True) - log P(False) over a label set."""
+    return sum(t - f for t, f in logprobs.values()) / len(logprobs) if logprobs else 0.0
+
+
 def calibrated_logprob(log_odds: float, bias: float, label: bool) -> float:
     """log P(label) after removing a shared bias from the log-odds (contextual calibration)."""
     shifted = log_odds - bias
@@ -92,7 +97,7 @@ def evaluate(scorer: Scorer, header: str, examples: Sequence[Example], labels: d
     results = scorer.score([requests[p] for p in order])
     logprobs = {p: (r.logprobs[0], r.logprobs[1]) for p, r in zip(order, results)}
     if calibrate:
-        bias = sum(lp[0] - lp[1] for lp in logprobs.values()) / len(logprobs)
+        bias = mean_log_odds(logprobs)
         total = sum(calibrated_logprob(logprobs[p][0] - logprobs[p][1], bias, labels[p]) for p in labels)
     else:
         total = sum(logprobs[p][0 if labels[p] else 1] for p in labels)

@@ -60,14 +60,21 @@ class ModelReplica:
         pass
 
 
-def model_app(model: dict[str, Any], replicas: int = 1, cpus: float = 1.0, gpus: float = 0.0,
-              max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005):
-    """The Serve application holding the model replicas (bound, ready for serve.run)."""
+def model_app(config):
+    """The Serve application holding the model replicas (bound, ready for serve.run).
+
+    `config` is a RunConfig: its `model` section says what to load, `ray` how many replicas.
+    """
+    import os
+
+    model, ray = config.model.model_dump(), config.ray
+    if model["threads"] is None:  # Ray sets OMP threads to the replica's CPU share; use the cores
+        model["threads"] = max(1, int(ray.replica_cpus), (os.cpu_count() or 1) // ray.replicas)
     return ModelReplica.options(
-        num_replicas=replicas,
-        max_ongoing_requests=max(2 * max_batch_size, 8),  # >= batch size, or batches cap at 5
-        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
-    ).bind(model, max_batch_size, batch_wait_timeout_s)
+        num_replicas=ray.replicas,
+        max_ongoing_requests=max(2 * ray.max_batch_size, 8),  # >= batch size, or batches cap at 5
+        ray_actor_options={"num_cpus": ray.replica_cpus, "num_gpus": ray.replica_gpus},
+    ).bind(model, ray.max_batch_size, ray.batch_wait_timeout_s)
 
 
 class ServeScorer(Scorer):

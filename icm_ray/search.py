@@ -34,7 +34,13 @@ from icm_ray.consistency import (
     violations,
 )
 from icm_ray.data import Example, Persona
-from icm_ray.predictability import Evaluation, evaluate, leave_one_out_requests, zero_shot_requests
+from icm_ray.predictability import (
+    Evaluation,
+    evaluate,
+    leave_one_out_requests,
+    mean_log_odds,
+    zero_shot_requests,
+)
 from icm_ray.prompts import PromptConfig, header_text
 from icm_ray.schedules import temperature
 
@@ -197,11 +203,8 @@ class ICMSearch:
             state.tokens_run += result.tokens_run
             state.prompt_tokens += result.prompt_tokens
             proposed = dict(current)
-            log_odds = result.logprobs[0] - result.logprobs[1]
-            bias = 0.0
-            if self.config.calibrate and state.logprobs:
-                bias = sum(a - b for a, b in state.logprobs.values()) / len(state.logprobs)
-            proposed[position] = log_odds >= bias
+            bias = mean_log_odds(state.logprobs) if self.config.calibrate else 0.0
+            proposed[position] = result.logprobs[0] - result.logprobs[1] >= bias
             if proposed != current:
                 ev = self._evaluate(proposed, state)
                 proposed, ev = self._fix(proposed, ev, state, rng)

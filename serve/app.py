@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from icm_ray.backends.base import ScoreRequest
+from icm_ray.data import Example
 from icm_ray.errors import UserError
-from icm_ray.prompts import PromptConfig
+from icm_ray.prompts import PromptConfig, query_text
 from icm_ray.results import package_version
 from icm_ray.steering import PersonaEntry, load_run, prompt_block, select
 
@@ -157,8 +158,8 @@ class SteeringAPI:
         prompts = entry.prompts or PromptConfig()
         chosen = select(entry.examples, body.k, balance=True)
         prefix = (entry.header, "".join(e.demonstration for e in chosen))
-        requests = [ScoreRequest(prefix, prompts.claim.format(claim=s, question=""), prompts.options)
-                    for s in body.statements]
+        requests = [ScoreRequest(prefix, query_text(prompts, Example(str(i), persona, "claim", claim=s)),
+                                 prompts.options) for i, s in enumerate(body.statements)]
         results = await self.model.score.remote(requests)
         out = []
         for statement, result in zip(body.statements, results):
@@ -280,12 +281,7 @@ def build_app(results: list[str], model: dict | None = None, ray: dict | None = 
     from icm_ray.replicas import model_app
 
     config = RunConfig.model_validate({"model": model or {}, "ray": ray or {}})
-    model_options = config.model.model_dump()
-    if model_options["threads"] is None:
-        model_options["threads"] = max(1, (os.cpu_count() or 1) // config.ray.replicas)
-    replicas = model_app(model_options, config.ray.replicas, config.ray.replica_cpus,
-                         config.ray.replica_gpus, config.ray.max_batch_size,
-                         config.ray.batch_wait_timeout_s)
+    replicas = model_app(config)
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     options = {"runtime_env": {"env_vars": {API_KEY_ENV: key}}} if key else {}
     return SteeringAPI.options(ray_actor_options={"num_cpus": 0.1, **options}).bind(

@@ -233,3 +233,18 @@ def test_data_quirks_are_handled(tmp_path):
     long.write_text(json.dumps({**GOOD, "claim": "x" * 20_000}) + "\n")
     with pytest.raises(UserError, match="more than 10,000"):
         load_datasets([long])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--no-ray", "--resume", "{tmp}"], "not a run directory (no inputs.json)"),
+    (["serve", "--results", "{tmp}"], "not a finished run (no summary.json)"),
+    (["serve", "--results", "{tmp}", "--model", "nope"], "unknown model 'nope'"),
+])
+def test_resume_and_serve_refuse_what_is_not_a_run(tmp_path, monkeypatch, capsys, argv, message):
+    (tmp_path / "stray.txt").write_text("not a run")
+    monkeypatch.setattr(sys, "argv", ["icm-ray", *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stray.txt"]  # nothing written

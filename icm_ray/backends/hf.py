@@ -245,19 +245,19 @@ class TransformersScorer(Scorer):
                             "context; use fewer examples per persona")
         torch = self.torch
         count = len(tokens)
-        mask = torch.zeros((count, depth + count), dtype=torch.bool)
-        mask[:, :depth] = True
-        for start, length, ancestors in blocks:
-            rows = slice(start, start + length)
-            for a in ancestors:
-                a_start, a_length, _ = blocks[a]
-                mask[rows, depth + a_start: depth + a_start + a_length] = True
-            mask[rows, depth + start: depth + start + length] = torch.ones(
-                (length, length), dtype=torch.bool).tril()
         keep = torch.tensor([r[1] for r in readouts])
         if len(blocks) == 1:  # one plain continuation: the model builds its own (sliding) masks
             logits = self._forward(tokens, cache, keep=keep)
         else:
+            mask = torch.zeros((count, depth + count), dtype=torch.bool)
+            mask[:, :depth] = True
+            for start, length, ancestors in blocks:
+                rows = slice(start, start + length)
+                for a in ancestors:
+                    a_start, a_length, _ = blocks[a]
+                    mask[rows, depth + a_start: depth + a_start + a_length] = True
+                mask[rows, depth + start: depth + start + length] = torch.ones(
+                    (length, length), dtype=torch.bool).tril()
             logits = self._forward(tokens, cache, mask[None, None].to(self.device),
                                    torch.tensor([positions], device=self.device), keep)
         cache.crop(-count)
