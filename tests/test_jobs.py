@@ -75,3 +75,14 @@ def test_submit_needs_an_absolute_out(tmp_path):
         bundle(["--out", "relative/run"])
     with pytest.raises(UserError, match="needs --out"):
         bundle(["--iterations", "2"])
+
+
+def test_unreachable_job_server_is_one_line(capsys, monkeypatch):
+    from icm_ray.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["icm-ray", "jobs", "status", "raysubmit_x", "--address",
+                                      f"http://127.0.0.1:{_free_port()}"])  # nothing listens there
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "cannot reach the Ray job server" in err and "\n" not in err
