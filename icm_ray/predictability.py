@@ -81,17 +81,23 @@ def calibrated_logprob(log_odds: float, bias: float, label: bool) -> float:
     return -math.log1p(math.exp(-shifted)) if label else -math.log1p(math.exp(shifted))
 
 
+def utility(predictability: float, inconsistency: int, alpha: float, weight: float = 1.0) -> float:
+    """U = alpha * P - w * I (w = 1 in the paper)."""
+    return alpha * predictability - weight * inconsistency
+
+
 def evaluate(scorer: Scorer, header: str, examples: Sequence[Example], labels: dict[int, bool],
              prompts: PromptConfig, alpha: float, inconsistency: int,
-             calibrate: bool = False) -> Evaluation:
-    """Score every labelled example given all the others; U = alpha * mean log-prob - I.
+             calibrate: bool = False, inconsistency_weight: float = 1.0) -> Evaluation:
+    """Score every labelled example given all the others; U = alpha * mean log-prob - w * I.
 
     With `calibrate`, each example's log-odds are first centred on their mean over the set,
     so a set cannot become "predictable" just by giving every example the label the model
     leans towards (an optional, non-paper objective; off by default).
     """
     if not labels:
-        return Evaluation({}, 0.0, inconsistency, -float(inconsistency), 0, 0)
+        return Evaluation({}, 0.0, inconsistency, utility(0.0, inconsistency, alpha, inconsistency_weight),
+                          0, 0)
     requests = leave_one_out_requests(header, examples, labels, list(labels), prompts)
     order = list(requests)
     results = scorer.score([requests[p] for p in order])
@@ -106,7 +112,7 @@ def evaluate(scorer: Scorer, header: str, examples: Sequence[Example], labels: d
         logprobs=logprobs,
         predictability=predictability,
         inconsistency=inconsistency,
-        utility=alpha * predictability - inconsistency,
+        utility=utility(predictability, inconsistency, alpha, inconsistency_weight),
         tokens_run=sum(r.tokens_run for r in results),
         prompt_tokens=sum(r.prompt_tokens for r in results),
     )

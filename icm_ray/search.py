@@ -39,10 +39,11 @@ from icm_ray.predictability import (
     evaluate,
     leave_one_out_requests,
     mean_log_odds,
+    utility,
     zero_shot_requests,
 )
 from icm_ray.prompts import PromptConfig, header_text
-from icm_ray.schedules import temperature
+from icm_ray.schedules import TemperatureSchedule, anneal, temperature
 
 
 def accept(delta: float, temperature: float, draw: float) -> bool:
@@ -55,10 +56,17 @@ class SearchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    alpha: float = Field(50.0, gt=0, description="weight of mutual predictability in U")
+    alpha: float = Field(50.0, gt=0, description="weight of mutual predictability in U (at the start)")
+    final_alpha: float | None = Field(None, gt=0, description="anneal alpha linearly to this by the "
+                                      "last iteration; null: constant")
+    inconsistency_weight: float = Field(1.0, ge=0, description="w in U = alpha P - w I (at the start)")
+    final_inconsistency_weight: float | None = Field(None, ge=0, description="ramp w linearly to "
+                                                     "this by the last iteration; null: constant")
+    temperature_schedule: TemperatureSchedule = Field("log", description="log (the paper's), "
+                                                      "exponential or linear; see icm_ray.schedules")
     initial_temperature: float = Field(10.0, gt=0, description="T0")
     final_temperature: float = Field(0.01, gt=0, description="T_min")
-    cooling_rate: float = Field(0.99, ge=0, description="beta in T0 / (1 + beta log n)")
+    cooling_rate: float = Field(0.99, ge=0, description="rate: beta in T0 / (1 + beta log n)")
     seed_labels: int = Field(8, ge=0, description="K random, balanced seed labels")
     iterations: int = Field(64, ge=0, description="search steps per persona")
     seed: int = Field(0, ge=0)
@@ -129,11 +137,18 @@ class ICMSearch:
 
     # ------------------------------------------------------------ scoring helpers
 
+    def weights(self, iteration: int) -> tuple[float, float]:
+        """(alpha, w) of U = alpha * P - w * I at this iteration (0: the seed labels)."""
+        c = self.config
+        return (anneal(c.alpha, c.final_alpha, iteration, c.iterations),
+                anneal(c.inconsistency_weight, c.final_inconsistency_weight, iteration, c.iterations))
+
     def _evaluate(self, labels: dict[int, bool], state: SearchState) -> Evaluation:
         as_list: list[bool | None] = [labels.get(p) for p in range(len(self.examples))]
+        alpha, weight = self.weights(state.iteration)
         ev = evaluate(self.scorer, self.header, self.examples, labels, self.prompts,
-                      self.config.alpha, count_inconsistencies(self.constraints, as_list),
-                      self.config.calibrate)
+                      alpha, count_inconsistencies(self.constraints, as_list),
+                      self.config.calibrate, weight)
         state.tokens_run += ev.tokens_run
         state.prompt_tokens += ev.prompt_tokens
         return ev
@@ -191,7 +206,12 @@ class ICMSearch:
         rng.bit_generator.state = state.rng
         state.iteration += 1
         t = temperature(state.iteration, self.config.initial_temperature,
-                        self.config.final_temperature, self.config.cooling_rate)
+                        self.config.final_temperature, self.config.cooling_rate,
+                        self.config.temperature_schedule)
+        # With annealed weights the current set's U is restated at this step's weights before
+        # it is compared with a proposal (P and I are kept, so no model call).
+        alpha, weight = self.weights(state.iteration)
+        state.utility = utility(state.predictability, state.inconsistency, alpha, weight)
         current = state.labelled
         position = self._sample(state, rng)
         accepted, proposal_u = True, state.utility
@@ -217,7 +237,8 @@ class ICMSearch:
         state.rng = rng.bit_generator.state
         state.wall_seconds += time.perf_counter() - started
         state.trace.append({
-            "iteration": state.iteration, "temperature": t, "example": position,
+            "iteration": state.iteration, "temperature": t, "alpha": alpha,
+            "inconsistency_weight": weight, "example": position,
             "utility": state.utility, "proposal_utility": proposal_u,
             "predictability": state.predictability, "inconsistency": state.inconsistency,
             "accepted": accepted, "labelled": len(state.labelled),
@@ -253,11 +274,12 @@ class ICMSearch:
 
     # ------------------------------------------------------------ orientation
 
-    def finish(self, state: SearchState) -> SearchState:
-        """Settle which way round the labels are (see module docstring) and close the search."""
-        if state.finished:
-            return state
-        started = time.perf_counter()
+    def orientation(self, state: SearchState) -> tuple[dict[str, Any], bool]:
+        """The orientation decision for the labels as they stand, and whether it flips them.
+
+        Changes no label, so a tuning trial can ask mid-search how the labels would end up.
+        The zero-shot requests are the same every time (a caching scorer answers repeats).
+        """
         results = self.scorer.score(zero_shot_requests(self.header, self.examples, self.prompts))
         state.tokens_run += sum(r.tokens_run for r in results)
         state.prompt_tokens += sum(r.prompt_tokens for r in results)
@@ -274,20 +296,32 @@ class ICMSearch:
         p_value = (1 + sum(d >= abs(agreement) for d in draws)) / (1 + len(draws))
         info: dict[str, Any] = {"rule": self.config.orientation, "prior_agreement": agreement,
                                 "p_value": p_value, "utility_before": state.utility}
+        flip = False
         if any(state.clamped):
             info["decision"] = "anchored by human labels"
         elif self.config.orientation == "none" or agreement >= 0:
             info["decision"] = "kept"
         elif p_value > self.config.orientation_p_max:
             info["decision"] = "kept (prior inconclusive)"
+        elif count_inconsistencies(self.constraints, self.flipped(state)) > state.inconsistency:
+            info["decision"] = "kept (a flip would add inconsistencies)"
         else:
-            flipped = {p: (not y) if p not in self.clamp else y for p, y in labelled.items()}
-            flip_list = [flipped.get(p) for p in range(len(self.examples))]
-            if count_inconsistencies(self.constraints, flip_list) > state.inconsistency:
-                info["decision"] = "kept (a flip would add inconsistencies)"
-            else:
-                self._adopt(state, flipped, self._evaluate(flipped, state))
-                info["decision"] = "flipped"
+            info["decision"], flip = "flipped", True
+        return info, flip
+
+    def flipped(self, state: SearchState) -> list[bool | None]:
+        """Every label inverted except clamped ones."""
+        return [y if y is None or p in self.clamp else not y for p, y in enumerate(state.labels)]
+
+    def finish(self, state: SearchState) -> SearchState:
+        """Settle which way round the labels are (see module docstring) and close the search."""
+        if state.finished:
+            return state
+        started = time.perf_counter()
+        info, flip = self.orientation(state)
+        if flip:
+            flipped = {p: y for p, y in enumerate(self.flipped(state)) if y is not None}
+            self._adopt(state, flipped, self._evaluate(flipped, state))
         info["utility_after"] = state.utility
         state.orientation = info
         state.finished = True
