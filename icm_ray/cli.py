@@ -156,6 +156,106 @@ def run(
     console.print(f"results in {out}/ (labels.parquet, steering_examples/, trace.parquet, summary.json)")
 
 
+@app.command("tune")
+def tune_command(
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", "-d", help="data files or directories (as for run); default: the demo data")] = None,
+    persona: Annotated[list[str] | None, typer.Option(
+        "--persona", "-p", help="tune on these personas only (repeatable); default: all in the data")] = None,
+    personas_file: Annotated[Path | None, typer.Option(
+        "--personas", help="YAML/JSON persona definitions (name + description)")] = None,
+    data_format: Annotated[str, typer.Option("--format", help="auto, native, icm or anthropic")] = "auto",
+    samples: Annotated[int, typer.Option(help="trials to run")] = 8,
+    metric: Annotated[str, typer.Option(
+        help="objective: heldout_p (predictability of held-out examples), u_per_label, or accuracy "
+        "(needs --gold-file)")] = "heldout_p",
+    gold_file: Annotated[Path | None, typer.Option(
+        help="gold labels (rows with id, gold) for ids of the data: scores trials, never the search")] = None,
+    space: Annotated[Path | None, typer.Option(help="YAML search space (default: the built-in one)")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="base run config: everything the space does not vary")] = None,
+    iterations: Annotated[int | None, typer.Option(help="search steps per trial (the budget)")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="seed of the searches, the searcher and the held-out split")] = None,
+    model: Annotated[str | None, typer.Option(help="model (as for run)")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", "-o", help="directory or s3://bucket/prefix for best_config.yaml, trials.jsonl, tuning.png "
+        "(default runs/tune-YYYYmmdd-HHMMSS)")] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Tune's storage, a directory or s3://bucket/prefix (default OUT/tune)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier tuning run's results in --out")] = False,
+    searcher: Annotated[str, typer.Option(
+        help="auto (optuna if installed, else random), optuna or random")] = "auto",
+    max_concurrent: Annotated[int, typer.Option(help="trials running at once")] = 4,
+    report_every: Annotated[int, typer.Option(help="iterations between reports to Tune")] = 2,
+    grace_period: Annotated[int, typer.Option(help="ASHA: iterations before a trial may be stopped")] = 2,
+    reduction_factor: Annotated[float, typer.Option(help="ASHA: keep the top 1/this at each rung")] = 3.0,
+    heldout_fraction: Annotated[float, typer.Option(help="part of each pool held out for heldout_p")] = 0.25,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (as for run)")] = None,
+) -> None:
+    """Tune the search's schedules with Ray Tune; write best_config.yaml for `icm-ray run --config`."""
+    from icm_ray import data as data_module
+    from icm_ray.config import load_config
+    from icm_ray.models import resolve
+    from icm_ray.store import open_store
+    from icm_ray_tune.experiment import TuneOptions, best_config, best_row, run_tuning
+    from icm_ray_tune.inputs import build_tasks, load_gold
+    from icm_ray_tune.objectives import METRICS
+    from icm_ray_tune.report import print_trials, write_outputs
+    from icm_ray_tune.space import load_space
+
+    checks = [(metric in METRICS, f"unknown metric '{metric}' (use {', '.join(METRICS)})"),
+              (metric != "accuracy" or gold_file is not None, "--metric accuracy needs --gold-file"),
+              (samples >= 1, "--samples must be at least 1"),
+              (max_concurrent >= 1, "--max-concurrent must be at least 1"),
+              (report_every >= 1, "--report-every must be at least 1"),
+              (grace_period >= 1, "--grace-period must be at least 1"),
+              (reduction_factor > 1, "--reduction-factor must be more than 1"),
+              (0 < heldout_fraction <= 0.5, "--heldout-fraction must be in (0, 0.5]"),
+              (searcher in ("auto", "optuna", "random"), f"unknown searcher '{searcher}' (use auto, optuna "
+               "or random)")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
+                                      "model": {"name": model}})
+    if data:
+        dataset = data_module.load_datasets(data, data_format)
+        definitions = data_module.load_personas(personas_file)
+    else:
+        dataset, definitions = data_module.load_demo()
+        definitions.update(data_module.load_personas(personas_file))
+    if persona:
+        dataset = dataset.select_personas(persona)
+    personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
+    gold = load_gold(gold_file, dataset) if gold_file else {}
+    search_space = load_space(space, run_config.search)
+    tasks = build_tasks(dataset, personas, metric, heldout_fraction, run_config.search.seed, gold)
+    resolve(run_config.model.name)
+    if out is not None and not out.strip():
+        raise UserError("--out is empty; give a directory or s3://bucket/prefix")
+    out = (out or str(Path("runs") / time.strftime("tune-%Y%m%d-%H%M%S"))).rstrip("/")
+    store = open_store(out)
+    if store.exists("best_config.yaml") and not overwrite:
+        raise UserError(f"{out}: holds an earlier tuning run (best_config.yaml); "
+                        "use --overwrite or another --out")
+    store.check_writable()
+    storage = storage or f"{out}/tune"
+    if storage.startswith("s3://"):
+        open_store(storage)  # a missing bucket or bad credentials fail here, in one line
+    options = TuneOptions(metric, samples, searcher, max_concurrent, report_every, grace_period,
+                          reduction_factor, run_config.search.seed)
+    console.print(f"tune {out}: {samples} trials x {run_config.search.iterations} iterations, "
+                  f"{len(tasks)} personas, objective {metric}, model {run_config.model.name}")
+    rows, histories = run_tuning(tasks, run_config, search_space, options, storage, address)
+    best = best_row(rows, metric)
+    tuned = best_config(run_config, best)
+    print_trials(rows, metric, best, tuned)
+    write_outputs(store, rows, histories, metric, tuned)
+    console.print(f"results in {out}/ (best_config.yaml, trials.jsonl, tuning.png); "
+                  f"Tune's storage: {storage}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,
