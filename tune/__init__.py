@@ -1,1 +1,2 @@
-"""Ray Tune glue (installed as `icm_ray_tune`). The tuning experiment is not built yet."""
+"""Ray Tune glue for `icm-ray tune` (installed as `icm_ray_tune`): the search space, the
+objectives, the trainable and the experiment. The search itself lives in icm_ray."""
