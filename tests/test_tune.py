@@ -65,6 +65,22 @@ def test_bad_space_is_a_one_line_error(tmp_path, text, message):
         load_space(path, SearchConfig())
 
 
+def test_searcher_choice():
+    from ray.tune.search import BasicVariantGenerator
+
+    from icm_ray_tune.experiment import make_searcher
+
+    grid = {"alpha": {"grid": [5, 50]}}
+    assert isinstance(make_searcher("auto", "heldout_p", 0, grid), BasicVariantGenerator)
+    assert isinstance(make_searcher("random", "heldout_p", 0, DEFAULT_SPACE), BasicVariantGenerator)
+    with pytest.raises(UserError, match="cannot run a space with 'grid'"):
+        make_searcher("optuna", "heldout_p", 0, grid)
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert isinstance(make_searcher("auto", "heldout_p", 0, DEFAULT_SPACE), OptunaSearch)
+
+
 # ---------------------------------------------------------------- objectives
 
 

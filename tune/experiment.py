@@ -63,8 +63,10 @@ def make_searcher(kind: str, metric: str, seed: int, space: dict[str, Any]):
             raise UserError("--searcher optuna cannot run a space with 'grid' entries (use random)")
         if importlib.util.find_spec("optuna") is None:
             raise UserError("--searcher optuna needs the optuna package (pip install 'icm-ray[tune]')")
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial table says what matters
         return OptunaSearch(metric=metric, mode="max", seed=seed)
     if kind == "random":
         return BasicVariantGenerator(random_state=seed)
