@@ -108,9 +108,9 @@ def run(
         if unused and personas_file:
             console.print(f"warning: {personas_file} defines personas not in the data: {', '.join(unused)}")
         personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
-        from icm_ray.models import resolve
+        from icm_ray.backends import check_model
 
-        resolve(run_config.model.name)  # fail now, not inside a replica, on a bad model name
+        check_model(run_config.model.model_dump())  # fail now, not inside a replica: bad model or server
         if out is not None and not out.strip():
             raise UserError("--out is empty; give a directory or s3://bucket/prefix")
         out = out or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
@@ -323,13 +323,13 @@ def serve_command(
     """Serve steering examples over HTTP (Ray Serve + FastAPI); docs at /docs. Ctrl-C stops it."""
     import signal
 
+    from icm_ray.backends import check_model
     from icm_ray.config import load_config
     from icm_ray.engine import ensure_ray
-    from icm_ray.models import resolve
     from icm_ray.steering import load_run
 
     run_config = load_config(config, {"model": {"name": model}})
-    resolve(run_config.model.name)
+    check_model(run_config.model.model_dump())
     for uri in results or []:
         load_run(uri)  # a bad run fails here, in one line, before anything starts
     started = ensure_ray(address)

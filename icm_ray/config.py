@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icm_ray.errors import UserError
 from icm_ray.prompts import PromptConfig
@@ -16,12 +16,39 @@ from icm_ray.search import SearchConfig
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backend: str = Field("transformers", description="scorer backend (see icm_ray.backends)")
-    name: str = Field("smollm2-135m", description="named model, .gguf file or HF directory")
+    backend: str = Field("auto", description="auto (vllm where a replica has a GPU and vllm is "
+                         "installed, else transformers), transformers, vllm, openai")
+    name: str = Field("smollm2-135m", description="named model, .gguf file or HF directory; "
+                      "for openai: the server's model name")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (bf16 where the CPU has it), float32, bfloat16, float16")
     threads: int | None = Field(None, ge=1, description="torch threads per replica")
     device: str = "cpu"
+    # openai backend (any server with /v1/completions and logprobs)
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(None, description="name of the environment variable holding "
+                                    "the API key (the key itself is never written to results)")
+    timeout_s: float = Field(60.0, gt=0, description="per HTTP request")
+    max_retries: int = Field(4, ge=0, description="on connection errors, 429 and 5xx, with backoff")
+    concurrency: int = Field(4, ge=1, description="HTTP requests in flight per scorer")
+    top_logprobs: int = Field(5, ge=1, le=20, description="alternatives asked for per request")
+    # vllm backend
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from icm_ray.backends import BACKENDS
+
+        if value != "auto" and value not in BACKENDS:
+            raise ValueError(f"unknown backend '{value}' (use auto, {', '.join(BACKENDS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> ModelConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend openai needs model.base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
 
 
 class RayConfig(BaseModel):

@@ -76,7 +76,7 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str] = Field(min_length=1)
     max_tokens: int = Field(16, ge=1, le=256)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)  # 20 as vLLM: label scoring reads top-k
     n: int = Field(1, ge=1, le=1)
     stream: Literal[False] = False
     stop: str | list[str] | None = None

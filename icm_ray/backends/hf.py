@@ -107,7 +107,7 @@ class TransformersScorer(Scorer):
             out = self.model.generate(
                 torch.tensor([ids], device=self.device),
                 attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=self.device),
-                max_new_tokens=max_tokens, output_scores=True, return_dict_in_generate=True,
+                max_new_tokens=max_tokens, output_logits=True, return_dict_in_generate=True,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 top_k=None, top_p=None, **sampling)
         new = out.sequences[0, len(ids):].tolist()
@@ -120,8 +120,8 @@ class TransformersScorer(Scorer):
                                   "finish_reason": finish}
         if logprobs is not None:
             tokens, token_logprobs, top = [], [], []
-            for step, token in enumerate(shown):
-                row = torch.log_softmax(out.scores[step][0].float(), dim=-1)
+            for step, token in enumerate(new):  # the end token too, as OpenAI servers do
+                row = torch.log_softmax(out.logits[step][0].float(), dim=-1)  # raw, as vLLM reports
                 tokens.append(self.tokenizer.decode([token]))
                 token_logprobs.append(float(row[token]))
                 values, indices = row.topk(max(1, logprobs))
