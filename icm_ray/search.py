@@ -244,6 +244,7 @@ class ICMSearch:
             "accepted": accepted, "labelled": len(state.labelled),
             "tokens_run": state.tokens_run - tokens_before,
             "prompt_tokens": state.prompt_tokens - prompt_before,
+            "tokens_cached": (state.prompt_tokens - prompt_before) - (state.tokens_run - tokens_before),
             "wall_seconds": time.perf_counter() - started,
         })
         return state

@@ -96,5 +96,7 @@ def test_short_search_on_the_real_model(scorer, demo):
     assert state.finished and state.orientation["decision"].startswith(("kept", "flipped"))
     assert len(state.trace) == 3 and state.tokens_run > 0
     assert state.prompt_tokens > state.tokens_run  # prefix reuse served part of the prompts
+    for row in state.trace:  # accounting on every trace row: run + served from cache = prompt
+        assert row["tokens_run"] + row["tokens_cached"] == row["prompt_tokens"] and row["wall_seconds"] > 0
     again = ICMSearch(examples[:10], persona, CachingScorer(scorer), config).run()
     assert again.labels == state.labels  # determinism on the real model
