@@ -356,6 +356,26 @@ def serve_command(
             ray.shutdown()
 
 
+# ---------------------------------------------------------------- using the results
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[str, typer.Argument(metavar="RUN", help="a finished run: directory or s3://...")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="sft (JSONL prompt/completion), dpo "
+                                     "(JSONL prompt/chosen/rejected) or hf (datasets dir)")] = "sft",
+    out: Annotated[str, typer.Option("--out", "-o", help="file (sft, dpo; local or s3://) or "
+                                     "directory (hf)")] = "",
+    persona: Annotated[list[str] | None, typer.Option(
+        "--persona", "-p", help="only these personas (repeatable)")] = None,
+) -> None:
+    """Export a run's steering examples for training: SFT JSONL, DPO pairs or a HF dataset."""
+    from icm_ray.export import export
+
+    rows = export(run_dir, fmt, out, persona)
+    console.print(f"wrote {rows} {fmt} rows to {out}")
+
+
 def main() -> None:
     try:
         app()
