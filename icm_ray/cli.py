@@ -359,6 +359,101 @@ def serve_command(
 # ---------------------------------------------------------------- using the results
 
 
+def _dataset(data, data_format, personas_file, persona):
+    """The data and persona definitions, as `run` reads them (demo data without --data)."""
+    from icm_ray import data as data_module
+
+    if data:
+        dataset = data_module.load_datasets(data, data_format)
+        definitions = data_module.load_personas(personas_file)
+    else:
+        dataset, definitions = data_module.load_demo()
+        definitions.update(data_module.load_personas(personas_file))
+    if persona:
+        dataset = dataset.select_personas(persona)
+    return dataset, {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
+
+
+def _write_report(out: str | None, report: dict) -> None:
+    if out:
+        from icm_ray.store import open_store
+
+        parent, _, name = out.rstrip("/").rpartition("/")
+        open_store(parent or ".").write_json(name, report)  # atomic
+        console.print(f"report in {out}")
+
+
+DataOption = Annotated[list[Path] | None, typer.Option(
+    "--data", "-d", help="data files or directories (as for run); default: the demo data")]
+PersonaOption = Annotated[list[str] | None, typer.Option(
+    "--persona", "-p", help="only these personas (repeatable)")]
+PersonasFileOption = Annotated[Path | None, typer.Option(
+    "--personas", help="YAML/JSON persona definitions (name + description)")]
+FormatOption = Annotated[str, typer.Option("--format", help="auto, native, icm or anthropic")]
+ModelOption = Annotated[str | None, typer.Option(help="model (as for run)")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="run config (as for run)")]
+
+
+@app.command("audit")
+def audit_command(
+    labels_file: Annotated[Path, typer.Argument(metavar="LABELS", help="label file: rows of id, label "
+                                                "(CSV/JSONL/Parquet), e.g. written by people")],
+    data: DataOption = None,
+    persona: PersonaOption = None,
+    personas_file: PersonasFileOption = None,
+    data_format: FormatOption = "auto",
+    shots: Annotated[int, typer.Option(help="demonstrations drawn from the label set")] = 32,
+    seeds: Annotated[int, typer.Option(help="random-flip controls per persona")] = 5,
+    seed: Annotated[int, typer.Option(help="seed of the demonstrations and the controls")] = 0,
+    model: ModelOption = None,
+    config: ConfigOption = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="write the report as JSON here")] = None,
+) -> None:
+    """Coherence audit: P, I, U of a label set, and the accuracy-matched random-flip control."""
+    from icm_ray.audit import audit_persona
+    from icm_ray.backends import check_model, load_scorer
+    from icm_ray.config import load_config
+    from icm_ray.labelfile import load_labels
+
+    if shots < 1 or seeds < 1:
+        raise UserError("--shots and --seeds must be at least 1")
+    run_config = load_config(config, {"model": {"name": model}})
+    dataset, personas = _dataset(data, data_format, personas_file, persona)
+    labels, _ = load_labels(labels_file, [e.id for e in dataset.examples],
+                            "the data" + (" of the selected personas" if persona else ""))
+    check_model(run_config.model.model_dump())
+    scorer = load_scorer(run_config.model.model_dump())
+    rows = []
+    for name in dataset.personas():
+        examples = [e for e in dataset.examples if e.persona == name]
+        mine = {e.id: labels[e.id] for e in examples if e.id in labels}
+        if mine:
+            rows.append(audit_persona(scorer, personas[name], examples, mine, dataset.gold, run_config,
+                                      shots, seeds, seed))
+    print_audit(rows)
+    _write_report(out, {"labels": str(labels_file), "shots": shots, "seeds": seeds, "personas": rows})
+
+
+def print_audit(rows: list[dict]) -> None:
+    table = Table(title="Coherence audit (control: gold with the same number of labels flipped at random)")
+    for column in ("persona", "labelled", "P", "I", "U", "acc vs gold", "few-shot acc",
+                   "control U", "control I", "control few-shot", "generalises better"):
+        table.add_column(column, justify="left" if column == "persona" else "right")
+    for row in rows:
+        control = row.get("control")
+        if isinstance(control, dict):
+            extra = [_fmt(control["U_mean"], ".2f"), _fmt(control["I_mean"], ".1f"),
+                     f"{control['fewshot_accuracy_mean']:.3f} +- {control['fewshot_accuracy_sd']:.3f}",
+                     f"{'yes' if row['generalises_better'] else 'no'} "
+                     f"({control['beaten_by_audited']}/{len(control['seeds'])})"]
+        else:
+            extra = ["-", "-", "-", control or "-"]
+        table.add_row(row["persona"], str(row["labelled"]), _fmt(row["P"]), str(row["I"]),
+                      _fmt(row["U"], ".2f"), _fmt(row.get("accuracy_vs_gold")),
+                      _fmt(row.get("fewshot_accuracy")), *extra)
+    Console(width=200).print(table)
+
+
 @app.command("export")
 def export_command(
     run_dir: Annotated[str, typer.Argument(metavar="RUN", help="a finished run: directory or s3://...")],

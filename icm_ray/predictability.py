@@ -122,3 +122,17 @@ def zero_shot_requests(header: str, examples: Sequence[Example],
                        prompts: PromptConfig) -> list[ScoreRequest]:
     """Each example with the persona header and no demonstrations."""
     return [ScoreRequest((header,), query_text(prompts, e), prompts.options) for e in examples]
+
+
+def log_odds_given(scorer: Scorer, header: str, examples: Sequence[Example], labels: dict[int, bool],
+                   targets: Sequence[Example], prompts: PromptConfig) -> tuple[list[float], int, int]:
+    """log P(True) - log P(False) of each target with every labelled example as a demonstration
+    (the arrangement a proposal uses), plus (tokens run, prompt tokens)."""
+    if not targets:
+        return [], 0, 0
+    pool = list(examples) + list(targets)
+    positions = list(range(len(examples), len(pool)))
+    requests = leave_one_out_requests(header, pool, labels, positions, prompts)
+    results = scorer.score([requests[p] for p in positions])
+    return ([r.logprobs[0] - r.logprobs[1] for r in results], sum(r.tokens_run for r in results),
+            sum(r.prompt_tokens for r in results))

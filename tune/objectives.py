@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from icm_ray.data import Example, Persona
-from icm_ray.predictability import leave_one_out_requests, mean_log_odds
+from icm_ray.fewshot import split_heldout  # noqa: F401  (tune.inputs and tests import it here)
+from icm_ray.predictability import log_odds_given, mean_log_odds
 from icm_ray.search import ICMSearch, SearchState
 
 METRICS = ("heldout_p", "u_per_label", "accuracy")
@@ -40,26 +41,14 @@ class PersonaTask:
     gold: dict[str, bool] = field(default_factory=dict)
 
 
-def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded held-out part (at least one example), the rest in pool order."""
-    count = max(1, round(fraction * len(examples)))
-    chosen = set(np.random.default_rng(seed).choice(len(examples), size=count, replace=False).tolist())
-    return ([e for p, e in enumerate(examples) if p not in chosen],
-            [e for p, e in enumerate(examples) if p in chosen])
-
-
 def _log_odds_given(search: ICMSearch, labels: dict[int, bool], targets: list[Example],
                     state: SearchState) -> list[float]:
     """log P(True) - log P(False) for each target, with every labelled example as a demonstration."""
-    if not targets:
-        return []
-    pool = search.examples + targets
-    positions = list(range(len(search.examples), len(pool)))
-    requests = leave_one_out_requests(search.header, pool, labels, positions, search.prompts)
-    results = search.scorer.score([requests[p] for p in positions])
-    state.tokens_run += sum(r.tokens_run for r in results)
-    state.prompt_tokens += sum(r.prompt_tokens for r in results)
-    return [r.logprobs[0] - r.logprobs[1] for r in results]
+    odds, run, prompt = log_odds_given(search.scorer, search.header, search.examples, labels, targets,
+                                       search.prompts)
+    state.tokens_run += run
+    state.prompt_tokens += prompt
+    return odds
 
 
 def heldout_predictability(search: ICMSearch, state: SearchState, heldout: list[Example]) -> float:
