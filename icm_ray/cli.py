@@ -74,23 +74,27 @@ def run(
         help="continue an interrupted run from its checkpoints (finished personas are kept)")] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster to join (default: RAY_ADDRESS, else a private local cluster)")] = None,
+    clamp: Annotated[Path | None, typer.Option(
+        help="human labels (rows of id, label; blank labels are skipped, e.g. a filled-in "
+        "`feedback suggest` file) fixed during the search: never flipped")] = None,
 ) -> None:
     """Run one ICM search per persona and write labels, steering examples and a summary."""
     from icm_ray import data as data_module
     from icm_ray.config import load_config
-    from icm_ray.engine import load_inputs, plan_jobs, run_in_process, save_inputs
+    from icm_ray.engine import load_clamp, load_inputs, plan_jobs, run_in_process, save_inputs
     from icm_ray.results import write_run
     from icm_ray.store import open_store
 
     if resume is not None:
         if data or persona or personas_file or config or model or iterations is not None \
-                or seed is not None or out is not None or overwrite or data_format != "auto":
+                or seed is not None or out is not None or overwrite or data_format != "auto" or clamp:
             raise UserError("--resume continues a run exactly as it was started, in its own directory; "
                             "give no --out, data, persona, model or config options with it")
         store = open_store(str(resume))
         if not store.exists("inputs.json"):
             raise UserError(f"{resume}: not a run directory (no inputs.json)")
         run_config, dataset, personas = load_inputs(store)
+        human = load_clamp(store)
         out = resume
     else:
         run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
@@ -108,6 +112,15 @@ def run(
         if unused and personas_file:
             console.print(f"warning: {personas_file} defines personas not in the data: {', '.join(unused)}")
         personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
+        human = {}
+        if clamp is not None:
+            from icm_ray.labelfile import load_labels
+
+            human, blank = load_labels(clamp, [e.id for e in dataset.examples],
+                                       "the data" + (" of the selected personas" if persona else ""),
+                                       allow_blank=True)
+            console.print(f"clamping {len(human)} human labels from {clamp}"
+                          + (f" ({len(blank)} rows left blank, skipped)" if blank else ""))
         from icm_ray.backends import check_model
 
         check_model(run_config.model.model_dump())  # fail now, not inside a replica: bad model or server
@@ -121,8 +134,8 @@ def run(
                                 "continue it, --overwrite to replace it, or another --out")
             store.clear()  # refuses anything that is not a previous run
         store.check_writable()
-        save_inputs(store, run_config, dataset, personas)
-    jobs = plan_jobs(dataset, personas)
+        save_inputs(store, run_config, dataset, personas, human)
+    jobs = plan_jobs(dataset, personas, human)
     console.print(f"run {out}: {len(jobs)} personas, {len(dataset.examples)} examples, "
                   f"model {run_config.model.name}, {run_config.search.iterations} iterations")
 
@@ -452,6 +465,35 @@ def print_audit(rows: list[dict]) -> None:
                       _fmt(row["U"], ".2f"), _fmt(row.get("accuracy_vs_gold")),
                       _fmt(row.get("fewshot_accuracy")), *extra)
     Console(width=200).print(table)
+
+
+feedback_app = typer.Typer(help="Targeted human feedback: ask people about the least certain questions.",
+                           no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("suggest")
+def feedback_suggest(
+    run_dir: Annotated[str, typer.Argument(metavar="RUN", help="a finished run: directory or s3://...")],
+    persona: Annotated[str, typer.Option("--persona", "-p", help="the persona to ask about")],
+    n: Annotated[int, typer.Option("-n", help="how many questions")] = 10,
+    out: Annotated[str | None, typer.Option(
+        "--out", "-o", help=".csv or .jsonl to fill in (default feedback-PERSONA.csv)")] = None,
+) -> None:
+    """List the questions where the model is least certain about the persona, to be labelled
+    by people (fill in `label`, then `icm-ray run --clamp FILE`)."""
+    from icm_ray.feedback import render, suggest
+    from icm_ray.store import open_store, safe_name
+
+    out = out or f"feedback-{safe_name(persona)}.csv"
+    render([], out)  # a bad file name fails before the model is loaded
+    rows = suggest(run_dir, persona, n)
+    parent, _, name = out.rstrip("/").rpartition("/")
+    open_store(parent or ".").write_bytes(name, render(rows, name))
+    for row in rows:
+        typer.echo(f"{row['margin']:7.3f}  {row['id']}  {row['text'].splitlines()[0][:100]}")
+    console.print(f"{len(rows)} questions in {out}: fill in 'label' (true/false; blank = skip), "
+                  f"then: icm-ray run --clamp {out} ...")
 
 
 @app.command("export")

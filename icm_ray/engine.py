@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from icm_ray.backends.base import CachingScorer, Scorer
 from icm_ray.config import RunConfig
@@ -23,6 +23,7 @@ ProgressFn = Callable[[str, dict], None]
 class PersonaJob:
     persona: Persona
     examples: list[Example]  # no gold here: Example has no field for it
+    clamp: dict[str, bool] = field(default_factory=dict)  # human labels the search never flips
 
 
 def checkpoint_name(persona: str) -> str:
@@ -40,19 +41,31 @@ def actor_name(store_uri: str, persona: str) -> str:
     return f"icm-search-{hashlib.sha256(store_uri.encode()).hexdigest()[:8]}-{safe_name(persona)}"
 
 
-def plan_jobs(dataset: Dataset, personas: dict[str, Persona]) -> list[PersonaJob]:
-    return [PersonaJob(personas[name], [e for e in dataset.examples if e.persona == name])
-            for name in dataset.personas()]
+def plan_jobs(dataset: Dataset, personas: dict[str, Persona],
+              clamp: dict[str, bool] | None = None) -> list[PersonaJob]:
+    jobs = []
+    for name in dataset.personas():
+        examples = [e for e in dataset.examples if e.persona == name]
+        ids = {e.id for e in examples}
+        jobs.append(PersonaJob(personas[name], examples,
+                               {i: y for i, y in (clamp or {}).items() if i in ids}))
+    return jobs
 
 
-def save_inputs(store, config: RunConfig, dataset: Dataset, personas: dict[str, Persona]) -> None:
+def save_inputs(store, config: RunConfig, dataset: Dataset, personas: dict[str, Persona],
+                clamp: dict[str, bool] | None = None) -> None:
     """Everything a resumed run needs, so `--resume` does not depend on the original files."""
     store.write_json("inputs.json", {
         "config": config.model_dump(mode="json"),
         "personas": {name: p.description for name, p in personas.items()},
         "examples": [e.to_dict() for e in dataset.examples],
         "gold": dataset.gold,  # evaluation only; never handed to a search
+        "clamp": clamp or {},  # human labels (--clamp): part of the search's input
     })
+
+
+def load_clamp(store) -> dict[str, bool]:
+    return dict(store.read_json("inputs.json").get("clamp") or {})
 
 
 def load_inputs(store) -> tuple[RunConfig, Dataset, dict[str, Persona]]:
@@ -104,7 +117,7 @@ def run_in_process(jobs: Sequence[PersonaJob], config: RunConfig, scorer: Scorer
     cached = scorer if isinstance(scorer, CachingScorer) else CachingScorer(scorer)
     finished = {}
     for job in jobs:
-        search = ICMSearch(job.examples, job.persona, cached, config.search, config.prompts)
+        search = ICMSearch(job.examples, job.persona, cached, config.search, config.prompts, job.clamp)
         report = (lambda s, name=job.persona.name:
                   on_progress(name, progress_of(s, config.search.iterations))) if on_progress else None
         state = drive(search, store, job.persona.name, config.ray.checkpoint_every, report)
@@ -130,7 +143,7 @@ def _search_actor_class():
             self.store = open_store(store_root)
             self.name = job.persona.name
             self.search = ICMSearch(job.examples, job.persona, CachingScorer(ServeScorer(handle)),
-                                    self.config.search, self.config.prompts)
+                                    self.config.search, self.config.prompts, job.clamp)
             self.latest = {"iteration": 0, "total": self.config.search.iterations, "utility": 0.0,
                            "inconsistency": 0, "labelled": 0, "finished": False}
 
