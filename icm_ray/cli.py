@@ -407,6 +407,104 @@ ModelOption = Annotated[str | None, typer.Option(help="model (as for run)")]
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="run config (as for run)")]
 
 
+@app.command("eval")
+def eval_command(
+    data: DataOption = None,
+    persona: PersonaOption = None,
+    personas_file: PersonasFileOption = None,
+    data_format: FormatOption = "auto",
+    run_dir: Annotated[str | None, typer.Option(
+        "--run", help="evaluate this finished run instead of running ICM (only its pool part "
+        "serves as demonstrations); its data, personas and config are used")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", "-o", help="directory or s3://... for eval.md, eval.json, eval.png and the runs "
+        "(default runs/eval-YYYYmmdd-HHMMSS)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier evaluation in --out")] = False,
+    test_fraction: Annotated[float, typer.Option(help="part of each persona held out for testing")] = 0.5,
+    shots: Annotated[list[int] | None, typer.Option(
+        "--shots", help="demonstration counts (repeatable; default 4 8 16 32)")] = None,
+    draws: Annotated[int, typer.Option(help="random-label draws averaged per shot count")] = 3,
+    feedback_budget: Annotated[int, typer.Option(
+        help="n > 0: also compare n targeted with n random human labels per persona (answers "
+        "simulated with gold), each clamped in a new search")] = 0,
+    iterations: Annotated[int | None, typer.Option(help="search steps per persona")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the split, the searches and the draws")] = None,
+    model: ModelOption = None,
+    config: ConfigOption = None,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="run in this process without Ray")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (as for run)")] = None,
+) -> None:
+    """Few-shot accuracy on held-out statements with ICM, gold, random and no labels, per persona."""
+    from icm_ray.backends import check_model
+    from icm_ray.config import load_config
+    from icm_ray.engine import load_inputs, model_session, plan_jobs, save_inputs
+    from icm_ray.evalreport import write_report
+    from icm_ray.evaluate import plan, run_eval
+    from icm_ray.results import write_run
+    from icm_ray.store import open_store
+
+    if run_dir is not None:
+        if data or personas_file or config or model or iterations is not None:
+            raise UserError("--run evaluates a finished run with its own data, personas and config; "
+                            "give no --data, --personas, --config, --model or --iterations with it")
+        run_store = open_store(run_dir)
+        if not run_store.exists("summary.json"):
+            raise UserError(f"{run_dir}: not a finished run (no summary.json)")
+        run_config, dataset, personas = load_inputs(run_store)
+        if seed is not None:
+            run_config.search.seed = seed
+        if persona:
+            dataset = dataset.select_personas(persona)
+            personas = {n: personas[n] for n in dataset.personas()}
+    else:
+        run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
+                                          "model": {"name": model}})
+        dataset, personas = _dataset(data, data_format, personas_file, persona)
+    the_plan = plan(dataset, personas, test_fraction, shots or [4, 8, 16, 32], draws,
+                    run_config.search.seed, feedback_budget)
+    check_model(run_config.model.model_dump())
+    if out is not None and not out.strip():
+        raise UserError("--out is empty; give a directory or s3://bucket/prefix")
+    out = (out or str(Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S"))).rstrip("/")
+    store = open_store(out)
+    if not store.is_empty():
+        if not overwrite:
+            raise UserError(f"{out}: not empty; use --overwrite or another --out")
+        if not store.exists("eval.json") and not store.exists("eval-plan.json"):
+            raise UserError(f"{out}: not an icm-ray evaluation (no eval.json); refusing to replace it")
+    store.check_writable()
+    store.write_json("eval-plan.json", {"test": {n: [e.id for e in t] for n, t in the_plan.tests.items()},
+                                        "pool": {n: [e.id for e in p] for n, p in the_plan.pool.items()}})
+
+    def log(message: str) -> None:
+        console.print(message)
+
+    with model_session(run_config, no_ray, address) as (scorer, search):
+        def icm_run(tag: str, clamp: dict[str, bool]) -> str:
+            uri = f"{out}/{tag}"
+            run_store = open_store(uri)
+            if not run_store.is_empty():
+                run_store.clear()  # a previous evaluation's run (--overwrite was checked above)
+            pool = the_plan.pool_dataset()
+            save_inputs(run_store, run_config, pool, the_plan.personas, clamp)
+            log(f"ICM on the pools: {len(pool.examples)} statements, {len(the_plan.personas)} personas "
+                f"-> {uri}")
+            finished, identity = search(plan_jobs(pool, the_plan.personas, clamp), run_store)
+            write_run(run_store, finished, the_plan.gold, run_config.model_dump(mode="json"), identity,
+                      run_config.prompts)
+            return uri
+
+        base = run_dir if run_dir is not None else icm_run("icm", {})
+        report = run_eval(the_plan, scorer, run_config.prompts, base,
+                          lambda tag, clamp: icm_run(f"icm-feedback-{tag}", clamp), log)
+    report["options"] = {"run": base, "test_fraction": test_fraction, "shots": the_plan.shots,
+                         "draws": draws, "seed": the_plan.seed, "feedback_budget": feedback_budget,
+                         "model": run_config.model.name, "iterations": run_config.search.iterations}
+    text = write_report(store, report)
+    typer.echo(text)
+    console.print(f"results in {out}/ (eval.md, eval.json, eval.png; ICM runs in {out}/icm*)")
+
+
 @app.command("audit")
 def audit_command(
     labels_file: Annotated[Path, typer.Argument(metavar="LABELS", help="label file: rows of id, label "

@@ -8,7 +8,8 @@ Ray (`--no-ray`, for debugging) the same search code runs here, one persona afte
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from icm_ray.backends.base import CachingScorer, Scorer
@@ -271,6 +272,42 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
         if started:  # a private cluster: shutting Ray down stops Serve with it
             ray.shutdown()
         elif own_model:
+            try:
+                serve.delete(MODEL_APP)
+            except Exception:
+                pass
+
+
+@contextmanager
+def model_session(config: RunConfig, no_ray: bool = False, address: str | None = None
+                  ) -> Iterator[tuple[Scorer, Callable]]:
+    """One model for a whole experiment (`icm-ray eval`): a scorer for the driver's own
+    measurements and `search(jobs, store, on_progress) -> (finished, identity)` for its runs.
+
+    On Ray both go through one deployment of the model replicas, removed at the end; with
+    `no_ray` the model is loaded here and the searches run in this process.
+    """
+    if no_ray:
+        from icm_ray.backends import load_scorer
+
+        scorer = CachingScorer(load_scorer(config.model.model_dump()))
+        yield scorer, lambda jobs, store, on_progress=None: (
+            run_in_process(jobs, config, scorer, store, on_progress), scorer.identity())
+        return
+    import ray
+    from ray import serve
+
+    from icm_ray.replicas import MODEL_APP, ServeScorer
+
+    started = ensure_ray(address)
+    try:
+        handle = deploy_model(config, http=not started)
+        yield CachingScorer(ServeScorer(handle)), lambda jobs, store, on_progress=None: run_on_ray(
+            jobs, config, store, on_progress, address, handle=handle)
+    finally:
+        if started:
+            ray.shutdown()
+        else:
             try:
                 serve.delete(MODEL_APP)
             except Exception:
