@@ -530,8 +530,9 @@ def audit_command(
         raise UserError("--shots and --seeds must be at least 1")
     run_config = load_config(config, {"model": {"name": model}})
     dataset, personas = _dataset(data, data_format, personas_file, persona)
+    # Blank labels are skipped, so a run's labels.parquet (null = never reached) audits as it is.
     labels, _ = load_labels(labels_file, [e.id for e in dataset.examples],
-                            "the data" + (" of the selected personas" if persona else ""))
+                            "the data" + (" of the selected personas" if persona else ""), allow_blank=True)
     check_model(run_config.model.model_dump())
     scorer = load_scorer(run_config.model.model_dump())
     rows = []

@@ -48,7 +48,7 @@ def test_audit_reports_coherence_and_control_on_the_real_model(tmp_path):
 @pytest.mark.parametrize("content, args, message", [
     ("id,label\nnobody,true\n", [], "field 'id': 'nobody' is not in the data"),
     ("id,label\nID,maybe\n", [], "field 'label': expected true/false"),
-    ("id,label\nID,\n", [], "field 'label': missing"),
+    ("id,label\nID,\n", [], "no labels filled in"),
     ("id,verdict\nID,true\n", [], "header must name the columns 'id' and 'label'"),
     ("id,label\nID,true\n", ["--persona", "nobody"], "unknown persona 'nobody'"),
     ("id,label\nID,true\n", ["--shots", "0"], "--shots and --seeds must be at least 1"),
