@@ -18,7 +18,9 @@ import yaml
 
 from icm_ray.errors import UserError
 
-Kind = Literal["claim", "comparison"]
+# claim: a statement; comparison: prompt + two responses ("A is better than B");
+# response: prompt + one candidate response (open-ended generation: would the persona endorse it?)
+Kind = Literal["claim", "comparison", "response"]
 SUPPORTED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 FORMATS = ("auto", "native", "icm", "anthropic")
 MAX_TEXT = 10_000  # characters per field: longer texts would not fit a prompt with demonstrations
@@ -35,6 +37,7 @@ class Example:
     question: str = ""  # optional question the claim answers; the prompt for comparisons
     response_a: str = ""  # comparison: "response A is better than response B" is the claim
     response_b: str = ""
+    response: str = ""  # kind == "response": one candidate answer to `question` (the prompt)
     group: str | None = None  # consistency group (for example: one question)
     key: str | None = None  # consistency key within a group (for example: the final answer)
 
@@ -152,7 +155,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
         if not reader.fieldnames:
             return
         header = set(reader.fieldnames)
-        if "id" not in header or not header & {"claim", "response_a", "statement"}:
+        if "id" not in header or not header & {"claim", "response_a", "response", "statement"}:
             raise UserError(f"{path}:1: header must name the columns, with at least 'id' and 'claim' "
                             f"(found {', '.join(reader.fieldnames)[:200]})")
         for row in reader:
@@ -180,7 +183,13 @@ def _native(path: Path, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[str,
         where = f"{path}:{number}"
         persona = _optional(row, "persona", where) or path.stem
         has_pair = any(row.get(k) not in (None, "") for k in ("response_a", "response_b"))
-        if has_pair:
+        if not has_pair and row.get("response") not in (None, ""):
+            kind = "response"
+            question = _text(row, "prompt", where, required=False) or _text(
+                row, "question", where, required=True)
+            extra = dict(response=_text(row, "response", where, True))
+            claim = ""
+        elif has_pair:
             kind: Kind = "comparison"
             question = _text(row, "prompt", where, required=False) or _text(
                 row, "question", where, required=True)

@@ -5,6 +5,9 @@
 - dpo: `prompt`, `chosen`, `rejected`. For a claim: the ICM label's verbaliser vs the
   opposite one. For a comparison (prompt, response A, response B) the preferred response
   is chosen and the other rejected, with the comparison's own prompt.
+- response (open-ended generation): sft keeps the endorsed responses as prompt -> response
+  (under the persona's generation header); dpo pairs, for each prompt, every endorsed
+  response (chosen) with every response the persona would not endorse (rejected).
 - hf: a `datasets.Dataset` saved with `save_to_disk`: the sft and dpo columns plus id,
   persona, kind, text, label and confidence (needs `pip install 'icm-ray[export]'`).
 
@@ -49,6 +52,10 @@ def export_rows(run: str, personas: list[str] | None = None) -> list[dict[str, A
                    "label": example.label, "confidence": example.confidence,
                    "prompt": prompt, "completion": said, "chosen": said, "rejected": other,
                    "dpo_prompt": prompt}
+            if source.kind == "response":
+                ask = _generation_prompt(entry, source)
+                row.update(prompt=ask, completion=" " + source.response, dpo_prompt=ask,
+                           chosen=" " + source.response, rejected=None)
             if source.kind == "comparison":
                 better, worse = ((source.response_a, source.response_b) if example.label
                                  else (source.response_b, source.response_a))
@@ -59,14 +66,31 @@ def export_rows(run: str, personas: list[str] | None = None) -> list[dict[str, A
     return rows
 
 
+def _generation_prompt(entry, source) -> str:
+    """The generation example up to where the response starts (its leading space goes with it)."""
+    text = entry.prompts.generation.format(claim=source.claim, question=source.question, response="\0",
+                                           response_a=source.response_a, response_b=source.response_b)
+    return entry.generation_header + text.partition("\0")[0].rstrip(" ")
+
+
 def sft_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"prompt": r["prompt"], "completion": r["completion"], "persona": r["persona"], "id": r["id"]}
-            for r in rows]
+            for r in rows if r["kind"] != "response" or r["label"]]  # generation: endorsed only
 
 
 def dpo_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"prompt": r["dpo_prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-             "persona": r["persona"], "id": r["id"]} for r in rows]
+    out = [{"prompt": r["dpo_prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+            "persona": r["persona"], "id": r["id"]} for r in rows if r["kind"] != "response"]
+    by_prompt: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["kind"] == "response":
+            by_prompt.setdefault((r["persona"], r["dpo_prompt"]), []).append(r)
+    for (persona, prompt), group in by_prompt.items():
+        for good in (r for r in group if r["label"]):
+            for bad in (r for r in group if not r["label"]):
+                out.append({"prompt": prompt, "chosen": good["chosen"], "rejected": bad["chosen"],
+                            "persona": persona, "id": f"{good['id']}>{bad['id']}"})
+    return out
 
 
 def _write_jsonl(out: str, records: list[dict[str, Any]]) -> None:
@@ -110,10 +134,13 @@ def export(run: str, fmt: str, out: str, personas: list[str] | None = None) -> i
     if not out or not out.strip():
         raise UserError("--out is empty; give a file (sft, dpo) or a directory (hf)")
     rows = export_rows(run, personas)
-    if fmt == "sft":
-        _write_jsonl(out, sft_records(rows))
-    elif fmt == "dpo":
-        _write_jsonl(out, dpo_records(rows))
+    if fmt in ("sft", "dpo"):
+        records = (sft_records if fmt == "sft" else dpo_records)(rows)
+        if not records:
+            raise UserError(f"{run}: no {fmt} records (open-ended responses need endorsed ones, and dpo "
+                            "needs a rejected response for the same prompt)")
+        _write_jsonl(out, records)
+        return len(records)
     else:
         _save_hf(out, rows)
     return len(rows)

@@ -27,20 +27,26 @@ class PromptConfig(BaseModel):
         "Prompt: {question}\nResponse A: {response_a}\nResponse B: {response_b}\n"
         "Claim: Response A is better than Response B.\nLabel:"
     )
+    response: str = "Prompt: {question}\nResponse: {response}\nLabel:"
+    # Steering open-ended generation: endorsed responses as plain prompt/response examples.
+    generation_header: str = ("The following are answers that a person who {description} "
+                              "would give.\n\n")
+    generation: str = "Prompt: {question}\nResponse: {response}"
     true_label: str = " True"
     false_label: str = " False"
     separator: str = "\n\n"
 
-    @field_validator("header")
+    @field_validator("header", "generation_header")
     @classmethod
     def _header_fields(cls, value: str) -> str:
         _check(value, {"description": "d", "persona": "p"})
         return value
 
-    @field_validator("claim", "claim_with_question", "comparison")
+    @field_validator("claim", "claim_with_question", "comparison", "response", "generation")
     @classmethod
     def _query_fields(cls, value: str) -> str:
-        _check(value, {"claim": "c", "question": "q", "response_a": "a", "response_b": "b"})
+        _check(value, {"claim": "c", "question": "q", "response_a": "a", "response_b": "b",
+                       "response": "r"})
         return value
 
     @field_validator("true_label", "false_label")
@@ -76,12 +82,21 @@ def header_text(config: PromptConfig, persona: Persona) -> str:
 def query_text(config: PromptConfig, example: Example) -> str:
     if example.kind == "comparison":
         template = config.comparison
+    elif example.kind == "response":
+        template = config.response
     elif example.question:
         template = config.claim_with_question
     else:
         template = config.claim
-    return template.format(claim=example.claim, question=example.question,
+    return template.format(claim=example.claim, question=example.question, response=example.response,
                            response_a=example.response_a, response_b=example.response_b)
+
+
+def generation_text(config: PromptConfig, example: Example) -> str:
+    """An endorsed response as an example of what the persona would say (steers generation)."""
+    return config.generation.format(claim=example.claim, question=example.question,
+                                    response=example.response, response_a=example.response_a,
+                                    response_b=example.response_b) + config.separator
 
 
 def demonstration_text(config: PromptConfig, example: Example, label: bool) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from icm_ray.data import Example
-from icm_ray.prompts import PromptConfig, demonstration_text, query_text
+from icm_ray.prompts import PromptConfig, demonstration_text, generation_text, query_text
 from icm_ray.search import SearchState
 from icm_ray.store import RunStore, safe_name
 
@@ -53,10 +53,12 @@ def steering_rows(examples: Sequence[Example], state: SearchState,
     for row, example in zip(label_rows("", examples, state), examples):
         if row["label"] is None:
             continue
-        rows.append({"id": example.id, "persona": example.persona,
+        rows.append({"id": example.id, "persona": example.persona, "kind": example.kind,
                      "text": query_text(prompts, example), "label": row["label"],
                      "confidence": row["confidence"],
                      "demonstration": demonstration_text(prompts, example, row["label"])})
+        if example.kind == "response":  # open-ended generation: steers the completions endpoint
+            rows[-1]["generation"] = generation_text(prompts, example)
     rows.sort(key=lambda r: -(r["confidence"] or 0.0))
     return rows
 

@@ -24,11 +24,13 @@ class SteeringExample:
     label: bool
     confidence: float
     demonstration: str
+    kind: str = "claim"
+    generation: str = ""  # kind "response": the endorsed answer as a plain prompt/response example
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> SteeringExample:
         return cls(row["id"], row["text"], bool(row["label"]), float(row["confidence"] or 0.0),
-                   row["demonstration"])
+                   row["demonstration"], row.get("kind", "claim"), row.get("generation", ""))
 
 
 def _words(text: str) -> list[str]:
@@ -88,6 +90,12 @@ class PersonaEntry:
     run: str
     examples: list[SteeringExample]
     prompts: Any = None  # the run's PromptConfig: new statements are rendered the same way
+    generation_header: str = ""
+
+    @property
+    def generates(self) -> bool:
+        """A persona of open-ended responses: its steering examples steer generation."""
+        return any(e.kind == "response" for e in self.examples)
 
 
 def load_run(uri: str) -> dict[str, PersonaEntry]:
@@ -109,10 +117,19 @@ def load_run(uri: str) -> dict[str, PersonaEntry]:
         persona = Persona(name, inputs["personas"][name])
         rows = store.read_jsonl(f"steering_examples/{safe_name(name)}.jsonl")
         entries[name] = PersonaEntry(name, header_text(prompts, persona), row, uri,
-                                     [SteeringExample.from_row(r) for r in rows], prompts)
+                                     [SteeringExample.from_row(r) for r in rows], prompts,
+                                     prompts.generation_header.format(description=persona.description,
+                                                                      persona=name))
     return entries
 
 
 def prompt_block(header: str, chosen: Sequence[SteeringExample]) -> str:
     """Persona header and demonstrations, ready to prepend to a query."""
     return header + "".join(e.demonstration for e in chosen)
+
+
+def generation_block(entry: PersonaEntry, k: int, query: str | None = None) -> str:
+    """For open-ended generation: the k endorsed responses most relevant to `query` (most
+    confident first), as plain prompt/response examples under the persona's generation header."""
+    endorsed = [e for e in entry.examples if e.kind == "response" and e.label]
+    return entry.generation_header + "".join(e.generation for e in select(endorsed, k, query))

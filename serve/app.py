@@ -26,7 +26,7 @@ from icm_ray.data import Example
 from icm_ray.errors import UserError
 from icm_ray.prompts import PromptConfig, query_text
 from icm_ray.results import package_version
-from icm_ray.steering import PersonaEntry, load_run, prompt_block, select
+from icm_ray.steering import PersonaEntry, generation_block, load_run, prompt_block, select
 
 API_KEY_ENV = "ICM_RAY_API_KEY"
 MAX_K = 64
@@ -147,9 +147,12 @@ class SteeringAPI:
                  query: str | None = Query(None, max_length=MAX_TEXT), balance: bool = False) -> dict:
         entry = self._persona(persona)
         chosen = select(entry.examples, k, query, balance)
-        return {"persona": persona, "examples": [
+        out = {"persona": persona, "examples": [
             {"id": e.id, "text": e.text, "label": e.label, "confidence": e.confidence} for e in chosen],
             "prompt": prompt_block(entry.header, chosen)}
+        if entry.generates:  # open-ended responses: endorsed ones, ready to steer generation
+            out["generation_prompt"] = generation_block(entry, k, query)
+        return out
 
     @api.post("/v1/personas/{persona}/classify")
     async def classify(self, persona: str, body: ClassifyRequest) -> dict:
@@ -180,7 +183,10 @@ class SteeringAPI:
         prefix = ""
         if persona is not None:
             entry = self._persona(persona)
-            prefix = prompt_block(entry.header, select(entry.examples, body.k, balance=True))
+            if entry.generates:  # endorsed responses, nearest to the prompt, as examples to follow
+                prefix = generation_block(entry, body.k, " ".join(prompts))
+            else:
+                prefix = prompt_block(entry.header, select(entry.examples, body.k, balance=True))
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for index, prompt in enumerate(prompts):
             try:
