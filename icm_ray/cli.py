@@ -207,7 +207,6 @@ def tune_command(
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (as for run)")] = None,
 ) -> None:
     """Tune the search's schedules with Ray Tune; write best_config.yaml for `icm-ray run --config`."""
-    from icm_ray import data as data_module
     from icm_ray.config import load_config
     from icm_ray.models import resolve
     from icm_ray.store import open_store
@@ -232,15 +231,7 @@ def tune_command(
             raise UserError(message)
     run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
                                       "model": {"name": model}})
-    if data:
-        dataset = data_module.load_datasets(data, data_format)
-        definitions = data_module.load_personas(personas_file)
-    else:
-        dataset, definitions = data_module.load_demo()
-        definitions.update(data_module.load_personas(personas_file))
-    if persona:
-        dataset = dataset.select_personas(persona)
-    personas = {n: data_module.resolve_persona(n, definitions) for n in dataset.personas()}
+    dataset, personas = _dataset(data, data_format, personas_file, persona)
     gold = load_gold(gold_file, dataset) if gold_file else {}
     search_space = load_space(space, run_config.search)
     tasks = build_tasks(dataset, personas, metric, heldout_fraction, run_config.search.seed, gold)

@@ -294,10 +294,7 @@ def model_session(config: RunConfig, no_ray: bool = False, address: str | None =
         yield scorer, lambda jobs, store, on_progress=None: (
             run_in_process(jobs, config, scorer, store, on_progress), scorer.identity())
         return
-    import ray
-    from ray import serve
-
-    from icm_ray.replicas import MODEL_APP, ServeScorer
+    from icm_ray.replicas import ServeScorer
 
     started = ensure_ray(address)
     try:
@@ -305,10 +302,20 @@ def model_session(config: RunConfig, no_ray: bool = False, address: str | None =
         yield CachingScorer(ServeScorer(handle)), lambda jobs, store, on_progress=None: run_on_ray(
             jobs, config, store, on_progress, address, handle=handle)
     finally:
-        if started:
-            ray.shutdown()
-        else:
-            try:
-                serve.delete(MODEL_APP)
-            except Exception:
-                pass
+        release_model(started)
+
+
+def release_model(started_ray: bool) -> None:
+    """After an experiment: stop the private cluster it started, or remove just its model app."""
+    import ray
+    from ray import serve
+
+    from icm_ray.replicas import MODEL_APP
+
+    if started_ray:  # shutting Ray down stops Serve with it
+        ray.shutdown()
+        return
+    try:
+        serve.delete(MODEL_APP)
+    except Exception:  # already gone
+        pass

@@ -88,11 +88,10 @@ def run_tuning(tasks: list[PersonaTask], run_config: RunConfig, space: dict[str,
                storage: str, address: str | None = None) -> tuple[list[dict[str, Any]], dict[str, list]]:
     """Run the trials; returns one row per trial (last report, params, status) and each
     trial's reports, for the plot."""
-    import ray
-    from ray import serve, tune
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from icm_ray.engine import deploy_model, ensure_ray
+    from icm_ray.engine import deploy_model, ensure_ray, release_model
     from icm_ray.replicas import MODEL_APP
 
     started = ensure_ray(address)
@@ -132,13 +131,7 @@ def run_tuning(tasks: list[PersonaTask], run_config: RunConfig, space: dict[str,
             raise RuntimeError(f"every trial failed; first error: {rows[0]['error']}")
         return rows, histories
     finally:
-        if started:
-            ray.shutdown()
-        else:
-            try:
-                serve.delete(MODEL_APP)
-            except Exception:
-                pass
+        release_model(started)
 
 
 def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
