@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from icm_ray.data import Dataset, Example, Persona
@@ -83,3 +84,20 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_eval_through_ray_with_clamped_feedback_searches(ray_cluster, tmp_path):
+    """The product path: persona actors and measurements share one Serve model deployment."""
+    data = write_native(tmp_path / "data.jsonl", demo_rows(personas=2, per_persona=8))
+    out = tmp_path / "eval"
+    assert cli("eval", "--data", data, "--iterations", 2, "--shots", 2, "--draws", 1,
+               "--feedback-budget", 2, "--out", out) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["personas"]) == 2 and report["mean"]["feedback"]
+    labels = pq.read_table(out / "icm-feedback-targeted" / "labels.parquet").to_pylist()
+    clamp = json.loads((out / "icm-feedback-targeted" / "inputs.json").read_text())["clamp"]
+    assert len(clamp) == 4 and {r["id"]: r["label"] for r in labels if r["clamped"]} == clamp
+    from ray import serve
+
+    assert "icm-model" not in serve.status().applications  # the model app is removed afterwards
