@@ -480,7 +480,16 @@ def eval_command(
             save_inputs(run_store, run_config, pool, the_plan.personas, clamp)
             log(f"ICM on the pools: {len(pool.examples)} statements, {len(the_plan.personas)} personas "
                 f"-> {uri}")
-            finished, identity = search(plan_jobs(pool, the_plan.personas, clamp), run_store)
+            shown: dict[str, int] = {}
+
+            def progress(name: str, info: dict) -> None:  # a line per persona every 10 steps
+                step = info["iteration"]
+                if (step % 10 == 0 or info["finished"]) and shown.get(name) != step:
+                    shown[name] = step
+                    log(f"  {name}: {step}/{info['total']} U={info['utility']:.2f} "
+                        f"labelled={info['labelled']}" + (" done" if info["finished"] else ""))
+
+            finished, identity = search(plan_jobs(pool, the_plan.personas, clamp), run_store, progress)
             write_run(run_store, finished, the_plan.gold, run_config.model_dump(mode="json"), identity,
                       run_config.prompts)
             return uri
