@@ -301,22 +301,33 @@ def load_file(path: Path, fmt: str = "auto", persona: str | None = None) -> Data
         else:
             rows = {".csv": _csv_rows, ".parquet": _parquet_rows}.get(suffix, _json_lines)(path)
             records = (_anthropic if fmt == "anthropic" else _native)(path, rows)
-        dataset = Dataset([])
-        for where, example, gold in records:
-            if persona:
-                example = replace(example, persona=persona)
-            if example.id in dataset.source:
-                raise UserError(f"{where}: field 'id': duplicate id '{example.id}' "
-                                f"(first at {dataset.source[example.id]})")
-            dataset.examples.append(example)
-            dataset.source[example.id] = where
-            if gold is not None:
-                dataset.gold[example.id] = gold
+        dataset = _collect(records, persona)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     if not dataset.examples:
         raise UserError(f"{path}: empty file (no examples)")
     return dataset
+
+
+def _collect(records: Iterator[tuple[str, Example, bool | None]], persona: str | None) -> Dataset:
+    dataset = Dataset([])
+    for where, example, gold in records:
+        if persona:
+            example = replace(example, persona=persona)
+        if example.id in dataset.source:
+            raise UserError(f"{where}: field 'id': duplicate id '{example.id}' "
+                            f"(first at {dataset.source[example.id]})")
+        dataset.examples.append(example)
+        dataset.source[example.id] = where
+        if gold is not None:
+            dataset.gold[example.id] = gold
+    return dataset
+
+
+def dataset_from_rows(rows: list[dict], name: str, persona: str) -> Dataset:
+    """Native rows that did not come from a file (an HTTP body), checked exactly as a file's rows
+    are; errors name `name` and the row number (from 1)."""
+    return _collect(_native(Path(name), enumerate(rows, start=1)), persona)
 
 
 def load_datasets(paths: list[str | Path], fmt: str = "auto", persona: str | None = None) -> Dataset:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from icm_ray.backends.base import ScoreRequest
-from icm_ray.data import Example
+from icm_ray.data import Dataset, Example, dataset_from_rows
 from icm_ray.errors import UserError
 from icm_ray.prompts import PromptConfig, query_text
 from icm_ray.results import package_version
@@ -59,11 +59,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Text = Field(min_length=1, max_length=MAX_TEXT)
+class Item(Strict):
+    """What gets labelled, in the data files' own fields: a claim (optionally with its question),
+    a comparison (prompt, response_a, response_b) or an open-ended response (prompt, response)."""
+
+    claim: str | None = Field(None, max_length=MAX_TEXT)
+    question: str | None = Field(None, max_length=MAX_TEXT)
+    prompt: str | None = Field(None, max_length=MAX_TEXT)
+    response_a: str | None = Field(None, max_length=MAX_TEXT)
+    response_b: str | None = Field(None, max_length=MAX_TEXT)
+    response: str | None = Field(None, max_length=MAX_TEXT)
 
 
 class ClassifyRequest(Strict):
-    statements: list[str] = Field(min_length=1, max_length=MAX_STATEMENTS)
+    statements: list[str] | None = Field(None, min_length=1, max_length=MAX_STATEMENTS)
+    examples: list[Item] | None = Field(None, min_length=1, max_length=MAX_STATEMENTS,
+                                        description="instead of statements: claims, comparisons or "
+                                        "responses in the data files' fields")
     k: int = Field(8, ge=0, le=MAX_K, description="steering examples used as demonstrations")
 
 
@@ -85,10 +97,10 @@ class CompletionRequest(BaseModel):
     k: int = Field(8, ge=0, le=MAX_K)
 
 
-class SearchExample(Strict):
+class SearchExample(Item):
     id: str = Field(min_length=1, max_length=200)
-    claim: str = Text
-    question: str = Field("", max_length=MAX_TEXT)
+    group: str | int | None = Field(None, description="consistency group (see Data formats)")
+    key: str | int | None = Field(None, description="consistency key inside the group")
 
 
 class SearchRequest(Strict):
@@ -98,6 +110,15 @@ class SearchRequest(Strict):
     data_path: str | None = Field(None, max_length=1000, description="a dataset path on the server")
     iterations: int = Field(16, ge=0, le=512)
     seed: int = 0
+
+
+def _examples(items: list[Item], field: str, persona: str) -> Dataset:
+    """Items of a body, checked by the data files' own rules (a 422 names the item and field)."""
+    rows = [{"id": str(index), **item.model_dump(exclude_none=True)} for index, item in enumerate(items)]
+    try:
+        return dataset_from_rows(rows, field, persona)
+    except UserError as err:
+        raise HTTPException(422, detail=[{"loc": ["body", field], "msg": str(err)}]) from None
 
 
 def _text_fields(statements: list[str]) -> None:
@@ -157,17 +178,25 @@ class SteeringAPI:
     @api.post("/v1/personas/{persona}/classify")
     async def classify(self, persona: str, body: ClassifyRequest) -> dict:
         entry = self._persona(persona)
-        _text_fields(body.statements)
+        if (body.statements is None) == (body.examples is None):
+            raise HTTPException(422, detail=[{"loc": ["body"], "msg": "give exactly one of "
+                                              "'statements' or 'examples'"}])
+        if body.statements is not None:
+            _text_fields(body.statements)
+            items = [Example(str(i), persona, "claim", claim=s) for i, s in enumerate(body.statements)]
+        else:  # the ids (`<index>`, from 0) are never shown
+            items = _examples(body.examples, "examples", persona).examples
         prompts = entry.prompts or PromptConfig()
         chosen = select(entry.examples, body.k, balance=True)
         prefix = (entry.header, "".join(e.demonstration for e in chosen))
-        requests = [ScoreRequest(prefix, query_text(prompts, Example(str(i), persona, "claim", claim=s)),
-                                 prompts.options) for i, s in enumerate(body.statements)]
+        requests = [ScoreRequest(prefix, query_text(prompts, item), prompts.options) for item in items]
         results = await self.model.score.remote(requests)
         out = []
-        for statement, result in zip(body.statements, results):
+        for index, result in enumerate(results):
             p_true = math.exp(result.logprobs[0])
-            out.append({"statement": statement, "label": p_true >= 0.5, "probability": p_true})
+            shown = ({"statement": body.statements[index]} if body.statements is not None
+                     else {"example": body.examples[index].model_dump(exclude_none=True)})
+            out.append({**shown, "label": p_true >= 0.5, "probability": p_true})
         return {"persona": persona, "demonstrations": len(chosen), "results": out}
 
     @api.post("/v1/completions")
@@ -216,18 +245,14 @@ class SteeringAPI:
     @api.post("/v1/searches", status_code=202)
     def start_search(self, body: SearchRequest) -> dict:
         from icm_ray.config import RunConfig
-        from icm_ray.data import Dataset, Example, Persona, default_description, load_datasets
+        from icm_ray.data import Persona, default_description, load_datasets
         from icm_ray.engine import plan_jobs, save_inputs
 
         if (body.examples is None) == (body.data_path is None):
             raise HTTPException(422, detail=[{"loc": ["body"], "msg": "give exactly one of "
                                               "'examples' or 'data_path'"}])
         if body.examples is not None:
-            ids = [e.id for e in body.examples]
-            if len(set(ids)) != len(ids):
-                raise HTTPException(422, detail=[{"loc": ["body", "examples"], "msg": "duplicate id"}])
-            dataset = Dataset([Example(e.id, body.persona, "claim", claim=e.claim, question=e.question)
-                               for e in body.examples])
+            dataset = _examples(body.examples, "examples", body.persona)
         else:
             try:
                 dataset = load_datasets([body.data_path])

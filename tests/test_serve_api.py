@@ -99,6 +99,18 @@ def test_personas_and_examples(api):
     ("post", "/v1/searches", {"persona": "p"}, 422, None),
     ("post", "/v1/searches", {"persona": "p", "examples": [{"id": "a", "claim": "x"}] * 2}, 422, None),
     ("post", "/v1/searches", {"persona": "p", "data_path": "/no/such.jsonl"}, 422, "data_path"),
+    ("post", "/v1/searches", {"persona": "p", "examples": [{"id": "a", "prompt": "q", "response_a": "x"}]},
+     422, "response_b"),
+    ("post", "/v1/searches", {"persona": "p", "examples": [{"id": "a", "claim": "x", "gold": True}]},
+     422, "gold"),
+    ("post", "/v1/searches", {"persona": "p", "examples": [{"id": "a", "claim": "x", "group": [1]}]},
+     422, "group"),
+    ("post", "/v1/personas/{p}/classify", {"statements": ["x"], "examples": [{"claim": "y"}]}, 422,
+     "exactly one"),
+    ("post", "/v1/personas/{p}/classify", {"k": 2}, 422, "exactly one"),
+    ("post", "/v1/personas/{p}/classify", {"examples": [{"question": "q"}]}, 422, "claim"),
+    ("post", "/v1/personas/{p}/classify", {"examples": [{"prompt": "q", "response_b": "x"}]}, 422,
+     "response_a"),
     ("get", "/v1/searches/none", None, 404, None),
 ])
 def test_error_paths_are_4xx_with_a_json_body(api, method, path, payload, status, field):
@@ -127,6 +139,18 @@ def test_classify_with_steering_examples(api):
     assert body["demonstrations"] == 4 and len(body["results"]) == 2
     for row in body["results"]:
         assert 0 <= row["probability"] <= 1 and row["label"] == (row["probability"] >= 0.5)
+
+
+def test_classify_comparisons_and_responses_in_the_data_fields(api):
+    client, personas = api
+    items = [{"prompt": "Which is kinder?", "response_a": "Help them.", "response_b": "Ignore them."},
+             {"prompt": "Say something nice.", "response": "You did well today."},
+             {"claim": "I love being outdoors.", "question": "Do you like nature?"}]
+    body = client.post(f"/v1/personas/{personas[0]}/classify", json={"examples": items, "k": 2})
+    assert body.status_code == 200, body.text
+    rows = body.json()["results"]
+    assert [r["example"] for r in rows] == items
+    assert all(0 <= r["probability"] <= 1 and r["label"] == (r["probability"] >= 0.5) for r in rows)
 
 
 def test_openai_client_calls_completions(api):
@@ -182,6 +206,35 @@ def test_search_endpoint_runs_icm_and_publishes_the_persona(api):
     assert state["status"] == "finished", state
     assert state["summary"]["labelled"] >= 4
     assert "green" in [p["persona"] for p in client.get("/v1/personas").json()["personas"]]
+
+
+def test_search_endpoint_takes_comparisons_with_their_consistency_groups(api):
+    client, _ = api
+    pairs = [("Should I tip?", "Yes, always.", "Never."), ("Is lying fine?", "No.", "Sure, often.")]
+    examples = []
+    for g, (prompt, a, b) in enumerate(pairs):  # each pair and its mirror: asymmetry in one group
+        examples += [{"id": f"c{g}ab", "prompt": prompt, "response_a": a, "response_b": b, "group": g},
+                     {"id": f"c{g}ba", "prompt": prompt, "response_a": b, "response_b": a, "group": g}]
+    request = {"persona": "polite", "description": "values good manners", "examples": examples,
+               "iterations": 2, "seed": 1}
+    for _ in range(120):  # the searches of the test before may still hold both slots
+        started = client.post("/v1/searches", json=request)
+        if started.status_code != 429:
+            break
+        time.sleep(1)
+    assert started.status_code == 202, started.text
+    for _ in range(240):
+        state = client.get(f"/v1/searches/{started.json()['id']}").json()
+        if state["status"] != "running":
+            break
+        time.sleep(1)
+    assert state["status"] == "finished", state
+    assert state["summary"]["inconsistencies"] == 0
+    shown = client.get("/v1/personas/polite/examples", params={"k": 4}).json()["examples"]
+    by_id = {e["id"]: e["label"] for e in shown}
+    for g in range(len(pairs)):
+        if f"c{g}ab" in by_id and f"c{g}ba" in by_id:
+            assert by_id[f"c{g}ab"] != by_id[f"c{g}ba"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -194,6 +194,7 @@ def test_real_tune_run_asha_stops_a_trial_and_best_config_runs(ray_cluster, s3_e
     assert code == 0
     printed = capsys.readouterr().out
     assert "Tuning trials" in printed and "best trial" in printed
+    assert printed.count(" started: ") == 4 and "stopped early (ASHA) at 1/2" in printed  # progress
     rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and not any(r["error"] for r in rows)
     assert [r["params"]["seed_labels"] for r in rows] == [2, 4, 2, 4]

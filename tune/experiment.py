@@ -73,6 +73,38 @@ def make_searcher(kind: str, metric: str, seed: int, space: dict[str, Any]):
     raise UserError(f"unknown searcher '{kind}' (use auto, optuna or random)")
 
 
+def progress_callback(metric: str, total: int):
+    """A line per trial as it starts, every report, and when it ends (how, and its objective):
+    Tune's own table is off (verbose=0), and a long tuning run must show it is moving."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            settings = " ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items())
+            print(f"  trial {trial.trial_id} started: {settings}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not result.get("finished"):
+                print(f"  trial {trial.trial_id}: {result.get('iteration')}/{total} "
+                      f"{metric}={_fmt(result.get(metric))} labelled={result.get('labelled')}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            how = "completed" if last.get("finished") else "stopped early (ASHA)"
+            print(f"  trial {trial.trial_id} {how} at {last.get('iteration')}/{total}: "
+                  f"{metric}={_fmt(last.get(metric))}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"  trial {trial.trial_id} failed", flush=True)
+
+    return Progress()
+
+
+def _fmt(value: Any) -> str:
+    value = _plain(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars (from Tune's samplers) as plain Python values, for YAML and JSON."""
     return value.item() if hasattr(value, "item") else value
@@ -113,7 +145,9 @@ def run_tuning(tasks: list[PersonaTask], run_config: RunConfig, space: dict[str,
                                         grace_period=options.grace_period,
                                         reduction_factor=options.reduction_factor)),
             run_config=tune.RunConfig(name=time.strftime("icm-tune-%Y%m%d-%H%M%S"), storage_path=path,
-                                      storage_filesystem=filesystem, verbose=0))
+                                      storage_filesystem=filesystem, verbose=0,
+                                      callbacks=[progress_callback(options.metric,
+                                                                   run_config.search.iterations)]))
         grid = tuner.fit()
         rows, histories = [], {}
         for result in grid:
