@@ -1,9 +1,10 @@
-"""Label files written by people (or by another run): rows of `id` and `label`.
+"""Label files written by people (or by another run): rows of `id` and `label` (or `gold`).
 
-Read by `icm-ray audit LABELS` (the label set to audit) and `icm-ray run --clamp FILE` (human
-labels fixed during a search). CSV, JSONL or Parquet; a steering-examples JSONL or a
-`feedback suggest` file works as it is (other columns are ignored). Labels are true/false,
-yes/no or 1/0. Ids must belong to the data they are used with.
+Read by `icm-ray audit LABELS` (the label set to audit), `icm-ray run --clamp FILE` (human
+labels fixed during a search) and `icm-ray tune --gold-file` (column `gold`). CSV, JSONL,
+Parquet, or JSON/YAML (a list of rows or a mapping id -> label); a steering-examples JSONL, a
+`feedback suggest` file or a native data file with `gold` works as it is (other columns are
+ignored). Labels are true/false, yes/no or 1/0. Ids must belong to the data they are used with.
 """
 
 from __future__ import annotations
@@ -12,26 +13,47 @@ import csv
 from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
+
 from icm_ray.data import _json_lines, _parquet_rows, _parse_bool, _scalar
 from icm_ray.errors import UserError
 
 
-def _rows(path: Path):
+def _rows(path: Path, column: str):
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as handle:
             header = next(csv.reader(handle), None)
         if not header:
             return iter(())
-        if "id" not in header or "label" not in header:
-            raise UserError(f"{path}:1: header must name the columns 'id' and 'label' "
+        if "id" not in header or column not in header:
+            raise UserError(f"{path}:1: header must name the columns 'id' and '{column}' "
                             f"(found {', '.join(header)[:200]})")
         return _label_csv(path)
     if suffix in (".jsonl", ".ndjson"):
         return _json_lines(path)
     if suffix == ".parquet":
         return _parquet_rows(path)
-    raise UserError(f"{path}: unsupported label file type '{path.suffix}' (use .csv, .jsonl or .parquet)")
+    if suffix in (".json", ".yaml", ".yml"):
+        return _mapping_or_rows(path, column)
+    raise UserError(f"{path}: unsupported {column} file type '{path.suffix}' "
+                    "(use .csv, .jsonl, .parquet, .json or .yaml)")
+
+
+def _mapping_or_rows(path: Path, column: str):
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from None
+    if raw is None:
+        return iter(())
+    if isinstance(raw, dict):  # {id: true/false}
+        return ((index, {"id": k, column: v}) for index, (k, v) in enumerate(raw.items(), start=1))
+    if isinstance(raw, list) and all(isinstance(r, dict) for r in raw):
+        return enumerate(raw, start=1)
+    raise UserError(f"{path}: expected a list of {{id, {column}}} rows or a mapping id -> true/false")
 
 
 def _label_csv(path: Path):
@@ -44,18 +66,18 @@ def _label_csv(path: Path):
 
 
 def load_labels(path: str | Path, known: Iterable[str], what: str = "the data",
-                allow_blank: bool = False) -> tuple[dict[str, bool], list[str]]:
+                allow_blank: bool = False, column: str = "label") -> tuple[dict[str, bool], list[str]]:
     """(labels by id, ids whose label was left blank). Blank labels are an error unless
     `allow_blank` (a feedback file where some questions were not answered)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such label file")
+        raise UserError(f"{path}: no such {column} file")
     known = set(known)
     labels: dict[str, bool] = {}
     blank: list[str] = []
     seen: set[str] = set()
     try:
-        for number, row in _rows(path):
+        for number, row in _rows(path, column):
             where = f"{path}:{number}"
             example_id = _scalar(row.get("id"), where, "id", required=True).strip()
             if example_id not in known:
@@ -63,20 +85,20 @@ def load_labels(path: str | Path, known: Iterable[str], what: str = "the data",
             if example_id in seen:
                 raise UserError(f"{where}: field 'id': duplicate id '{example_id}'")
             seen.add(example_id)
-            if "label" not in row:
-                raise UserError(f"{where}: field 'label': missing")
-            value = _parse_bool(row.get("label"), where, "label")
+            if column not in row:
+                raise UserError(f"{where}: field '{column}': missing")
+            value = _parse_bool(row.get(column), where, column)
             if value is None:
                 if not allow_blank:
-                    raise UserError(f"{where}: field 'label': missing (true or false)")
+                    raise UserError(f"{where}: field '{column}': missing (true or false)")
                 blank.append(example_id)
                 continue
             labels[example_id] = value
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     if not seen:
-        raise UserError(f"{path}: empty label file (no rows)")
+        raise UserError(f"{path}: empty {column} file (no rows)")
     if not labels:
-        raise UserError(f"{path}: no labels filled in ({len(blank)} rows with an empty 'label')")
+        raise UserError(f"{path}: no labels filled in ({len(blank)} rows with an empty '{column}')")
     return labels, blank
 
