@@ -163,6 +163,10 @@ def run(
         except KeyboardInterrupt:
             console.print(f"interrupted; checkpoints kept. Continue with: icm-ray run --resume {out}")
             raise
+        except UserError:
+            if resume is None:  # bad input found mid-search (e.g. a prompt too long): resuming
+                store.clear()   # would fail the same way, so leave no half-written run behind
+            raise
     summary = write_run(store, finished, dataset.gold, run_config.model_dump(mode="json"), identity,
                         run_config.prompts)
     print_summary(summary)
@@ -231,6 +235,11 @@ def tune_command(
             raise UserError(message)
     run_config = load_config(config, {"search": {"iterations": iterations, "seed": seed},
                                       "model": {"name": model}})
+    budget = run_config.search.iterations
+    if budget < 1:
+        raise UserError("tuning needs at least 1 search iteration (--iterations)")
+    if grace_period > budget:
+        raise UserError(f"--grace-period {grace_period} is more than the {budget} iterations of a trial")
     dataset, personas = _dataset(data, data_format, personas_file, persona)
     gold = load_gold(gold_file, dataset) if gold_file else {}
     search_space = load_space(space, run_config.search)
@@ -243,10 +252,10 @@ def tune_command(
     if store.exists("best_config.yaml") and not overwrite:
         raise UserError(f"{out}: holds an earlier tuning run (best_config.yaml); "
                         "use --overwrite or another --out")
+    if storage is not None:  # a missing bucket, bad credentials or a file in the way fail here
+        open_store(storage.rstrip("/")).check_writable()
     store.check_writable()
     storage = storage or f"{out}/tune"
-    if storage.startswith("s3://"):
-        open_store(storage)  # a missing bucket or bad credentials fail here, in one line
     options = TuneOptions(metric, samples, searcher, max_concurrent, report_every, grace_period,
                           reduction_factor, run_config.search.seed)
     console.print(f"tune {out}: {samples} trials x {run_config.search.iterations} iterations, "
@@ -336,6 +345,7 @@ def serve_command(
     check_model(run_config.model.model_dump())
     for uri in results or []:
         load_run(uri)  # a bad run fails here, in one line, before anything starts
+    _check_listen(host, port)
     started = ensure_ray(address)
     from ray import serve
 
@@ -360,6 +370,20 @@ def serve_command(
             ray.shutdown()
 
 
+def _check_listen(host: str, port: int) -> None:
+    """A port out of range or in use fails in one line, before Ray and Serve start."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port}: not a port number (1-65535)")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:
+        raise UserError(f"{host}:{port}: cannot listen there ({err.strerror or err})") from None
+
+
 # ---------------------------------------------------------------- using the results
 
 
@@ -380,10 +404,10 @@ def _dataset(data, data_format, personas_file, persona):
 
 def _write_report(out: str | None, report: dict) -> None:
     if out:
-        from icm_ray.store import open_store
+        from icm_ray.store import output_file
 
-        parent, _, name = out.rstrip("/").rpartition("/")
-        open_store(parent or ".").write_json(name, report)  # atomic
+        store, name = output_file(out)
+        store.write_json(name, report)  # atomic
         console.print(f"report in {out}")
 
 
@@ -528,6 +552,10 @@ def audit_command(
 
     if shots < 1 or seeds < 1:
         raise UserError("--shots and --seeds must be at least 1")
+    if out:
+        from icm_ray.store import output_file
+
+        output_file(out)  # a bad --out fails before the audit runs
     run_config = load_config(config, {"model": {"name": model}})
     dataset, personas = _dataset(data, data_format, personas_file, persona)
     # Blank labels are skipped, so a run's labels.parquet (null = never reached) audits as it is.
@@ -582,13 +610,13 @@ def feedback_suggest(
     """List the questions where the model is least certain about the persona, to be labelled
     by people (fill in `label`, then `icm-ray run --clamp FILE`)."""
     from icm_ray.feedback import render, suggest
-    from icm_ray.store import open_store, safe_name
+    from icm_ray.store import output_file, safe_name
 
     out = out or f"feedback-{safe_name(persona)}.csv"
-    render([], out)  # a bad file name fails before the model is loaded
+    render([], out)  # a bad file name or place fails before the model is loaded
+    store, name = output_file(out)
     rows = suggest(run_dir, persona, n)
-    parent, _, name = out.rstrip("/").rpartition("/")
-    open_store(parent or ".").write_bytes(name, render(rows, name))
+    store.write_bytes(name, render(rows, name))
     for row in rows:
         typer.echo(f"{row['margin']:7.3f}  {row['id']}  {row['text'].splitlines()[0][:100]}")
     console.print(f"{len(rows)} questions in {out}: fill in 'label' (true/false; blank = skip), "
@@ -614,13 +642,25 @@ def export_command(
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back to us, to be said in one line
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if type(err).__name__ == "Abort":  # Ctrl-C while click was parsing or prompting
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        if not hasattr(err, "format_message"):  # not a usage error (click's, vendored by typer)
+            raise
+        context = getattr(err, "ctx", None)
+        hint = f" (see: {context.command_path} --help)" if context is not None else ""
+        if err.format_message():  # empty: no command given, the help was shown
+            print(f"error: {err.format_message()}{hint}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from icm_ray.data import read_yaml
 from icm_ray.errors import UserError
 from icm_ray.prompts import PromptConfig
 from icm_ray.search import SearchConfig
@@ -88,12 +88,7 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
         source = str(path)
         if not path.is_file():
             raise UserError(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{line}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from None
+        loaded = read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

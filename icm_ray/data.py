@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -149,19 +149,30 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             yield number, row
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def read_csv(path: Path, check_header: Callable[[list[str]], None]) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a CSV file with a header; malformed CSV (an unterminated quote, a
+    field over the csv module's limit, a ragged row) is a one-line error naming file and line."""
     with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            return
-        header = set(reader.fieldnames)
-        if "id" not in header or not header & {"claim", "response_a", "response", "statement"}:
+        reader = csv.DictReader(handle, strict=True)
+        try:
+            if not reader.fieldnames:
+                return
+            check_header(reader.fieldnames)
+            for row in reader:
+                if None in row:
+                    raise UserError(f"{path}:{reader.line_num}: more values than header columns")
+                yield reader.line_num, row
+        except csv.Error as err:  # line_num is the last row read; the bad one begins after it
+            raise UserError(f"{path}:{reader.line_num + 1}: not valid CSV ({err})") from None
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    def check(header: list[str]) -> None:
+        if "id" not in header or not set(header) & {"claim", "response_a", "response", "statement"}:
             raise UserError(f"{path}:1: header must name the columns, with at least 'id' and 'claim' "
-                            f"(found {', '.join(reader.fieldnames)[:200]})")
-        for row in reader:
-            if None in row:
-                raise UserError(f"{path}:{reader.line_num}: more values than header columns")
-            yield reader.line_num, row
+                            f"(found {', '.join(header)[:200]})")
+
+    return read_csv(path, check)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -276,7 +287,8 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES)
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
                 raise UserError(f"{path}: directory has no data files ({', '.join(SUPPORTED_SUFFIXES)})")
             out.extend(found)
@@ -361,6 +373,18 @@ def default_description(name: str) -> str:
     return f"is {words}"
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML (or JSON) file's content; bad YAML or non-UTF-8 text is a one-line error."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
 def load_personas(path: str | Path | None) -> dict[str, Persona]:
     """Persona definitions from YAML/JSON: {personas: [{name, description}]} or {name: description}."""
     if path is None:
@@ -368,12 +392,7 @@ def load_personas(path: str | Path | None) -> dict[str, Persona]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such persona file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from None
+    raw = read_yaml(path)
     if isinstance(raw, dict) and "personas" in raw:
         raw = raw["personas"]
     items: list[tuple[str, Any]]

@@ -9,27 +9,22 @@ ignored). Labels are true/false, yes/no or 1/0. Ids must belong to the data they
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
-
-from icm_ray.data import _json_lines, _parquet_rows, _parse_bool, _scalar
+from icm_ray.data import _json_lines, _parquet_rows, _parse_bool, _scalar, read_csv, read_yaml
 from icm_ray.errors import UserError
 
 
 def _rows(path: Path, column: str):
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            header = next(csv.reader(handle), None)
-        if not header:
-            return iter(())
-        if "id" not in header or column not in header:
-            raise UserError(f"{path}:1: header must name the columns 'id' and '{column}' "
-                            f"(found {', '.join(header)[:200]})")
-        return _label_csv(path)
+        def check(header: list[str]) -> None:
+            if "id" not in header or column not in header:
+                raise UserError(f"{path}:1: header must name the columns 'id' and '{column}' "
+                                f"(found {', '.join(header)[:200]})")
+
+        return read_csv(path, check)
     if suffix in (".jsonl", ".ndjson"):
         return _json_lines(path)
     if suffix == ".parquet":
@@ -41,12 +36,7 @@ def _rows(path: Path, column: str):
 
 
 def _mapping_or_rows(path: Path, column: str):
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from None
+    raw = read_yaml(path)
     if raw is None:
         return iter(())
     if isinstance(raw, dict):  # {id: true/false}
@@ -54,15 +44,6 @@ def _mapping_or_rows(path: Path, column: str):
     if isinstance(raw, list) and all(isinstance(r, dict) for r in raw):
         return enumerate(raw, start=1)
     raise UserError(f"{path}: expected a list of {{id, {column}}} rows or a mapping id -> true/false")
-
-
-def _label_csv(path: Path):
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            if None in row:
-                raise UserError(f"{path}:{reader.line_num}: more values than header columns")
-            yield reader.line_num, row
 
 
 def load_labels(path: str | Path, known: Iterable[str], what: str = "the data",

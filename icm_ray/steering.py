@@ -110,16 +110,19 @@ def load_run(uri: str) -> dict[str, PersonaEntry]:
         raise UserError(f"{uri}: not a finished run (no summary.json)")
     summary = store.read_json("summary.json")
     inputs = store.read_json("inputs.json")
-    prompts = PromptConfig.model_validate(inputs["config"]["prompts"])
     entries = {}
-    for row in summary["personas"]:
-        name = row["persona"]
-        persona = Persona(name, inputs["personas"][name])
-        rows = store.read_jsonl(f"steering_examples/{safe_name(name)}.jsonl")
-        entries[name] = PersonaEntry(name, header_text(prompts, persona), row, uri,
-                                     [SteeringExample.from_row(r) for r in rows], prompts,
-                                     prompts.generation_header.format(description=persona.description,
-                                                                      persona=name))
+    try:  # a run written by another version or edited by hand: say so in one line
+        prompts = PromptConfig.model_validate(inputs["config"]["prompts"])
+        for row in summary["personas"]:
+            name = row["persona"]
+            persona = Persona(name, inputs["personas"][name])
+            rows = store.read_jsonl(f"steering_examples/{safe_name(name)}.jsonl")
+            entries[name] = PersonaEntry(name, header_text(prompts, persona), row, uri,
+                                         [SteeringExample.from_row(r) for r in rows], prompts,
+                                         prompts.generation_header.format(description=persona.description,
+                                                                          persona=name))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{uri}: not a readable icm-ray run ({type(err).__name__}: {err})") from None
     return entries
 
 

@@ -47,6 +47,19 @@ def open_store(uri: str | Path) -> Store:
     return RunStore(text)
 
 
+def output_file(out: str) -> tuple[Store, str]:
+    """(store, name) for one output file (local path or s3://bucket/key), checked before any
+    work is done: a missing bucket, an unwritable directory or a directory in the way fail here."""
+    parent, _, name = out.rstrip("/").rpartition("/")
+    if not name:
+        raise UserError(f"{out}: not a file name")
+    store = open_store(parent or ".")
+    if isinstance(store, RunStore) and store.path(name).is_dir():
+        raise UserError(f"{store.path(name)}: is a directory; give a file name")
+    store.check_writable()
+    return store, name
+
+
 class Store:
     """What every store offers; subclasses implement bytes in and out."""
 
@@ -84,8 +97,15 @@ class Store:
         self.write_bytes(name, text.encode("utf-8"))
 
     def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        lines = self.read_bytes(name).decode("utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        rows = []
+        for number, line in enumerate(self.read_bytes(name).decode("utf-8", "replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as err:
+                raise UserError(f"{self.uri}/{name}:{number}: corrupt JSON ({err.msg})") from None
+            if row is not None:
+                rows.append(row)
+        return rows
 
     def write_parquet(self, name: str, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> None:
         table = pa.Table.from_pylist(rows, schema=schema)
@@ -94,7 +114,10 @@ class Store:
         self.write_bytes(name, buffer.getvalue())
 
     def read_parquet(self, name: str) -> list[dict[str, Any]]:
-        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+        try:
+            return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+        except pa.ArrowException as err:
+            raise UserError(f"{self.uri}/{name}: not a readable Parquet file ({err})") from None
 
 
 class RunStore(Store):
@@ -141,6 +164,9 @@ class RunStore(Store):
                 os.fsync(out.fileno())
             os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
             os.replace(temporary, target)
+        except OSError as err:
+            Path(temporary).unlink(missing_ok=True)
+            raise UserError(f"{target}: cannot write there ({err.strerror})") from None
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise

@@ -111,10 +111,13 @@ def bad_inputs(tmp_path):
         ("rows.csv", "id,persona,claim\na,p,c,extra\n", "rows.csv:2: more values than header columns"),
         ("broken.parquet", "not parquet at all", "broken.parquet: not a readable Parquet file"),
         ("latin.jsonl", b"\xff\xfe{", "latin.jsonl: not UTF-8 text"),
+        ("quote.csv", 'id,persona,claim\na,p,"unterminated\n', "quote.csv:2: not valid CSV"),
+        ("huge.csv", "id,persona,claim\na,p," + "x" * 200_000 + "\n",
+         "huge.csv:2: not valid CSV (field larger"),
     ]
 
 
-@pytest.mark.parametrize("index", range(15))
+@pytest.mark.parametrize("index", range(17))
 def test_bad_input_is_one_line_error_and_exit_code_2(tmp_path, capsys, monkeypatch, index):
     name, content, message = bad_inputs(tmp_path)[index]
     path = tmp_path / name
@@ -142,6 +145,10 @@ def test_bad_input_is_one_line_error_and_exit_code_2(tmp_path, capsys, monkeypat
     (["--config", "CONFIG:[1, 2\n"], "not valid YAML/JSON"),
     (["--personas", "CONFIG:personas:\n  - description: x\n"], "field 'name': missing"),
     (["--data", "/no/such/file.jsonl"], "/no/such/file.jsonl: no such file or directory"),
+    (["--config", "BYTES"], "not UTF-8 text"),
+    (["--personas", "BYTES"], "not UTF-8 text"),
+    (["--iterations", "abc"], "Invalid value for '--iterations'"),
+    (["--bogus"], "No such option: --bogus"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch, args, message):
     args = list(args)
@@ -149,6 +156,10 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch, args, me
         if a.startswith("CONFIG:"):
             f = tmp_path / f"file{i}.yaml"
             f.write_text(a[len("CONFIG:"):])
+            args[i] = str(f)
+        elif a == "BYTES":
+            f = tmp_path / f"file{i}.yaml"
+            f.write_bytes(b"\xff\xfe\x00bad")
             args[i] = str(f)
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["icm-ray", "run", "--no-ray", "--out", str(out), *args])

@@ -1,6 +1,7 @@
 """icm-ray export: SFT JSONL, DPO pairs and a HF dataset from a finished run (real model)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -65,9 +66,17 @@ def test_hf_dataset_on_disk(claims_run, tmp_path):
     (["RUN", "--persona", "nobody", "--out", "OUT/x.jsonl"], "unknown persona 'nobody'"),
     (["RUN", "--out", "OUT"], "give a file name"),
     (["RUN"], "--out is empty"),
+    (["CORRUPT_SUMMARY", "--out", "OUT/x.jsonl"], "not a readable icm-ray run"),
+    (["CORRUPT_EXAMPLES", "--out", "OUT/x.jsonl"], ".jsonl:1: corrupt JSON"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(claims_run, tmp_path, capsys, args, message):
-    args = [str(a).replace("RUN_MISSING", str(tmp_path / "nope")).replace("RUN", str(claims_run))
+    for name, damage in (("CORRUPT_SUMMARY", lambda d: (d / "summary.json").write_text("{}")),
+                         ("CORRUPT_EXAMPLES", lambda d: [f.write_text("garbage\n")
+                                                         for f in (d / "steering_examples").iterdir()])):
+        shutil.copytree(claims_run, tmp_path / name)
+        damage(tmp_path / name)
+    args = [str(a).replace("RUN_MISSING", str(tmp_path / "nope"))
+            .replace("CORRUPT_", str(tmp_path / "CORRUPT_")).replace("RUN", str(claims_run))
             .replace("OUT", str(tmp_path)) for a in args]
     assert cli("export", *args) == 2
     err = capsys.readouterr().err.strip()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -70,11 +71,20 @@ def test_clamped_human_labels_are_never_flipped_and_not_asked_again(run, tmp_pat
     (["run", "--no-ray", "--data", "DATA", "--clamp", "TMP/none.csv", "--out", "TMP/out"],
      "no such label file"),
     (["run", "--resume", "RUN", "--clamp", "TMP/clamp.csv"], "--resume continues a run"),
+    (["feedback", "suggest", "RUN", "-p", PERSONA, "-o", "TMP/adir.csv"], "is a directory"),
+    (["feedback", "suggest", "CORRUPT", "-p", PERSONA], "not a readable Parquet file"),
+    (["run", "--no-ray", "--data", "DATA", "--clamp", "TMP/quote.csv", "--out", "TMP/out"],
+     "quote.csv:2: not valid CSV"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(run, tmp_path, capsys, args, message):
     (tmp_path / "clamp.csv").write_text("id,label\nghost,true\n")
-    subs = {"MISSING": str(tmp_path / "nope"), "RUN": str(run), "DATA": str(run.parent / "data.jsonl"),
-            "TMP": str(tmp_path)}
+    (tmp_path / "quote.csv").write_text('id,label\na,"true\n')
+    (tmp_path / "adir.csv").mkdir()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run, corrupt)
+    (corrupt / "labels.parquet").write_text("not parquet")
+    subs = {"MISSING": str(tmp_path / "nope"), "CORRUPT": str(corrupt), "RUN": str(run),
+            "DATA": str(run.parent / "data.jsonl"), "TMP": str(tmp_path)}
     for key, value in subs.items():
         args = [a.replace(key, value) for a in args]
     assert cli(*args) == 2

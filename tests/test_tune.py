@@ -153,13 +153,15 @@ def test_gold_file_formats_and_errors(tmp_path, typed_file):
     (["--gold-file", "GOLD"], "field 'id': 'ghost' is not in the tuned data"),
     (["--searcher", "bayes"], "error: unknown searcher 'bayes'"),
     (["--samples", "0"], "error: --samples must be at least 1"),
+    (["--iterations", "1"], "error: --grace-period 2 is more than the 1 iterations"),
+    (["--storage", "FILE/tune"], "cannot write there"),
 ])
 def test_bad_input_exits_2_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, extra, message):
     data = write_native(tmp_path / "p.jsonl", typed_rows())
     space = tmp_path / "space.yaml"
     space.write_text("alpha: {loguniform: [0, 5]}\n")
     gold = write_native(tmp_path / "gold.jsonl", [{"id": "ghost", "gold": True}])
-    extra = [{"SPACE": space, "GOLD": gold}.get(x, x) for x in extra]
+    extra = [{"SPACE": space, "GOLD": gold}.get(x, str(x).replace("FILE", str(data))) for x in extra]
     out = tmp_path / "out"
     assert cli(monkeypatch, "tune", "--data", data, "--out", out, *extra) == 2
     err = capsys.readouterr().err.strip()

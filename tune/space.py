@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from icm_ray.data import read_yaml
 from icm_ray.errors import UserError
 from icm_ray.search import SearchConfig
 
@@ -94,14 +94,7 @@ def load_space(path: str | Path | None, base: SearchConfig) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such space file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+    raw = read_yaml(path)
     if isinstance(raw, dict) and set(raw) == {"search"}:
         raw = raw["search"]
     return validate_space(raw, base, str(path))
