@@ -14,9 +14,10 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -35,6 +36,8 @@ MAX_TEXT = 4000
 MAX_BODY_BYTES = 1_000_000
 MAX_CONCURRENT_SEARCHES = 2
 MAX_SEARCH_EXAMPLES = 256
+MAX_STOP = 200
+MAX_SEED = 2**32 - 1
 
 api = FastAPI(title="icm-ray steering API", version=package_version(),
               description="Persona-specific steering examples inferred by ICM, without human labels.")
@@ -48,11 +51,28 @@ async def guard(request: Request, call_next):
     if key and path != "/healthz" and request.headers.get("authorization", "") != f"Bearer {key}":
         return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer ...)"},
                             status_code=401)
+    too_large = JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
     length = request.headers.get("content-length")
     if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"},
-                            status_code=413)
+        return too_large
+    if length is None and request.method in ("POST", "PUT", "PATCH"):  # chunked: count what arrives
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return too_large
+            request._body = getattr(request, "_body", b"") + chunk  # handlers read it from here
+        request._body = getattr(request, "_body", b"")
     return await call_next(request)
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, without echoing the input: a non-finite number (1e400, NaN) in it would
+    make the error itself unserialisable (a 500)."""
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 class Strict(BaseModel):
@@ -91,8 +111,9 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)  # 20 as vLLM: label scoring reads top-k
     n: int = Field(1, ge=1, le=1)
     stream: Literal[False] = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[Annotated[str, Field(max_length=MAX_STOP)]] | None = Field(
+        None, max_length=4)  # at most 4, as OpenAI's API
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     persona: str | None = Field(None, max_length=200)
     k: int = Field(8, ge=0, le=MAX_K)
 
@@ -109,7 +130,7 @@ class SearchRequest(Strict):
     examples: list[SearchExample] | None = Field(None, min_length=1, max_length=MAX_SEARCH_EXAMPLES)
     data_path: str | None = Field(None, max_length=1000, description="a dataset path on the server")
     iterations: int = Field(16, ge=0, le=512)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 def _examples(items: list[Item], field: str, persona: str) -> Dataset:
@@ -259,6 +280,11 @@ class SteeringAPI:
                 dataset = dataset.select_personas([body.persona])
             except UserError as err:
                 raise HTTPException(422, detail=[{"loc": ["body", "data_path"], "msg": str(err)}]) from None
+        try:
+            config = RunConfig.model_validate({**self.search_config, "search": {
+                **self.search_config.get("search", {}), "iterations": body.iterations, "seed": body.seed}})
+        except ValueError as err:
+            raise HTTPException(422, detail=[{"loc": ["body"], "msg": str(err).splitlines()[0]}]) from None
         with self.lock:
             running = sum(1 for s in self.searches.values() if s["status"] == "running")
             if running >= MAX_CONCURRENT_SEARCHES:
@@ -267,14 +293,16 @@ class SteeringAPI:
             record = {"id": search_id, "persona": body.persona, "status": "running",
                       "progress": {"iteration": 0, "total": body.iterations}, "error": None}
             self.searches[search_id] = record
-        config = RunConfig.model_validate({**self.search_config, "search": {
-            **self.search_config.get("search", {}), "iterations": body.iterations, "seed": body.seed}})
         persona = Persona(body.persona, body.description or default_description(body.persona))
         from icm_ray.store import RunStore
 
-        store = RunStore(os.path.join(self.searches_dir, search_id))
-        save_inputs(store, config, dataset, {body.persona: persona})
-        jobs = plan_jobs(dataset, {body.persona: persona})
+        try:
+            store = RunStore(os.path.join(self.searches_dir, search_id))
+            save_inputs(store, config, dataset, {body.persona: persona})
+            jobs = plan_jobs(dataset, {body.persona: persona})
+        except Exception as err:  # the slot is given back; the record says why
+            record["status"], record["error"] = "failed", f"{type(err).__name__}: {err}".splitlines()[0]
+            raise HTTPException(500, detail=f"could not start the search: {record['error']}") from None
         threading.Thread(target=self._run_search, args=(record, jobs, config, store, dataset),
                          daemon=True).start()
         return {"id": search_id, "status": "running"}

@@ -96,6 +96,13 @@ def test_personas_and_examples(api):
     ("post", "/v1/completions", {"prompt": "hi", "stream": True}, 422, "stream"),
     ("post", "/v1/completions", {"prompt": "hi", "persona": "nobody"}, 404, None),
     ("post", "/v1/completions", {"max_tokens": 3}, 422, "prompt"),
+    ("post", "/v1/completions", '{"prompt": "hi", "temperature": NaN}', 422, "temperature"),
+    ("post", "/v1/completions", '{"prompt": "hi", "max_tokens": 1e400}', 422, "max_tokens"),
+    ("post", "/v1/completions", {"prompt": "hi", "seed": 10**23}, 422, "seed"),
+    ("post", "/v1/completions", {"prompt": "hi", "stop": ["a"] * 5}, 422, "stop"),
+    ("post", "/v1/personas/{p}/classify", '{"statements": ["x"], "k": 1e400}', 422, "k"),
+    ("post", "/v1/searches", {"persona": "p", "seed": -1, "examples": [{"id": "a", "claim": "x"}]}, 422,
+     "seed"),
     ("post", "/v1/searches", {"persona": "p"}, 422, None),
     ("post", "/v1/searches", {"persona": "p", "examples": [{"id": "a", "claim": "x"}] * 2}, 422, None),
     ("post", "/v1/searches", {"persona": "p", "data_path": "/no/such.jsonl"}, 422, "data_path"),
@@ -130,6 +137,14 @@ def test_body_too_large(api):
     client, personas = api
     big = {"statements": ["x" * 1000] * 1100}
     assert client.post(f"/v1/personas/{personas[0]}/classify", json=big).status_code == 413
+    body = json.dumps(big).encode()
+    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: chunked
+    response = client.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+    small = json.dumps({"statements": ["I like trees."], "k": 1}).encode()
+    response = client.post(f"/v1/personas/{personas[0]}/classify", content=iter([small[:10], small[10:]]),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text  # a chunked body within the limit still arrives
 
 
 def test_classify_with_steering_examples(api):
