@@ -17,7 +17,8 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e3 else f"{value:.3f}"
+        tiny_or_huge = value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3)
+        return f"{value:.3g}" if tiny_or_huge else f"{value:.3f}"  # 0.0 prints as 0.000, as 1.000
     return str(value)
 
 
