@@ -111,8 +111,9 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)  # 20 as vLLM: label scoring reads top-k
     n: int = Field(1, ge=1, le=1)
     stream: Literal[False] = False
-    stop: str | list[Annotated[str, Field(max_length=MAX_STOP)]] | None = Field(
-        None, max_length=4)  # at most 4, as OpenAI's API
+    stop: (Annotated[str, Field(max_length=MAX_STOP)]
+           | Annotated[list[Annotated[str, Field(max_length=MAX_STOP)]], Field(max_length=4)]  # as OpenAI
+           | None) = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     persona: str | None = Field(None, max_length=200)
     k: int = Field(8, ge=0, le=MAX_K)

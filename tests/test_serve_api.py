@@ -100,6 +100,7 @@ def test_personas_and_examples(api):
     ("post", "/v1/completions", '{"prompt": "hi", "max_tokens": 1e400}', 422, "max_tokens"),
     ("post", "/v1/completions", {"prompt": "hi", "seed": 10**23}, 422, "seed"),
     ("post", "/v1/completions", {"prompt": "hi", "stop": ["a"] * 5}, 422, "stop"),
+    ("post", "/v1/completions", {"prompt": "hi", "stop": "x" * 201}, 422, "stop"),
     ("post", "/v1/personas/{p}/classify", '{"statements": ["x"], "k": 1e400}', 422, "k"),
     ("post", "/v1/searches", {"persona": "p", "seed": -1, "examples": [{"id": "a", "claim": "x"}]}, 422,
      "seed"),
@@ -180,6 +181,9 @@ def test_openai_client_calls_completions(api):
     steered = oa.completions.create(model=f"persona:{personas[0]}", prompt="Statement: I recycle.\nLabel:",
                                     max_tokens=2, temperature=0)
     assert steered.usage.prompt_tokens > plain.usage.prompt_tokens  # steering examples prepended
+    stopped = oa.completions.create(model="smollm2-135m", prompt="Count: 1, 2, 3,", max_tokens=8,
+                                    temperature=0, stop=" 4, 5")  # a stop string longer than 4 characters
+    assert " 4, 5" not in stopped.choices[0].text
 
 
 def test_fifty_concurrent_requests(api):
