@@ -164,8 +164,13 @@ def run(
             console.print(f"interrupted; checkpoints kept. Continue with: icm-ray run --resume {out}")
             raise
         except UserError:
-            if resume is None:  # bad input found mid-search (e.g. a prompt too long): resuming
-                store.clear()   # would fail the same way, so leave no half-written run behind
+            from icm_ray.engine import checkpoint_name
+
+            # Bad input found once the search began (a prompt too long for the model): with no
+            # checkpoint yet there is nothing to resume, so leave no half-written run behind.
+            # Checkpoints are kept: the error may be passing (S3 unreachable) and --resume works.
+            if resume is None and not any(store.exists(checkpoint_name(j.persona.name)) for j in jobs):
+                store.clear()
             raise
     summary = write_run(store, finished, dataset.gold, run_config.model_dump(mode="json"), identity,
                         run_config.prompts)

@@ -100,3 +100,17 @@ def test_short_search_on_the_real_model(scorer, demo):
         assert row["tokens_run"] + row["tokens_cached"] == row["prompt_tokens"] and row["wall_seconds"] > 0
     again = ICMSearch(examples[:10], persona, CachingScorer(scorer), config).run()
     assert again.labels == state.labels  # determinism on the real model
+
+
+def test_a_run_that_meets_a_too_long_prompt_leaves_nothing_behind(tmp_path, capsys):
+    """The context limit is only met once the search scores; no checkpoint yet, so no run dir."""
+    from tests.conftest import write_native
+    from tests.runs import cli
+
+    rows = [{"id": f"l{i}", "persona": "p", "claim": "word " * 1900} for i in range(6)]
+    data = write_native(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "run"
+    assert cli("run", "--no-ray", "--data", data, "--out", out, "--iterations", 1) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert last.startswith("error: ") and "exceeds the model's context" in last
+    assert not out.exists()
