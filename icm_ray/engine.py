@@ -162,15 +162,19 @@ def _search_actor_class():
     return PersonaSearchActor
 
 
+def patient_serve_proxy() -> None:
+    """Serve's HTTP proxy gets 5 s to report ready; on a busy 2-core machine its start-up takes
+    longer and Serve kills it in a loop. Call before starting a cluster: its processes inherit it."""
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, "60")
+
+
 def ensure_ray(address: str | None = None) -> bool:
     """Join the cluster at `address` / RAY_ADDRESS, or start a private local one. True if started."""
     import logging
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Serve's HTTP proxy gets 5 s to report ready; on a busy 2-core machine its start-up takes
-    # longer and Serve kills it in a loop. Processes of a cluster started here inherit these.
-    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
-        os.environ.setdefault(name, "60")
+    patient_serve_proxy()
     import ray
 
     for name in ("ray", "ray.serve"):  # progress bars and the summary say what matters

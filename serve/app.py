@@ -56,13 +56,13 @@ async def guard(request: Request, call_next):
     if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
         return too_large
     if length is None and request.method in ("POST", "PUT", "PATCH"):  # chunked: count what arrives
-        size = 0
+        chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > MAX_BODY_BYTES:
                 return too_large
-            request._body = getattr(request, "_body", b"") + chunk  # handlers read it from here
-        request._body = getattr(request, "_body", b"")
+            chunks.append(chunk)
+        request._body = b"".join(chunks)  # Starlette's cached body: the handler reads it from here
     return await call_next(request)
 
 
@@ -134,6 +134,12 @@ class SearchRequest(Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+def _exactly_one(body: BaseModel, first: str, second: str) -> None:
+    if (getattr(body, first) is None) == (getattr(body, second) is None):
+        raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"give exactly one of '{first}' or "
+                                          f"'{second}'"}])
+
+
 def _examples(items: list[Item], field: str, persona: str) -> Dataset:
     """Items of a body, checked by the data files' own rules (a 422 names the item and field)."""
     rows = [{"id": str(index), **item.model_dump(exclude_none=True)} for index, item in enumerate(items)]
@@ -200,9 +206,7 @@ class SteeringAPI:
     @api.post("/v1/personas/{persona}/classify")
     async def classify(self, persona: str, body: ClassifyRequest) -> dict:
         entry = self._persona(persona)
-        if (body.statements is None) == (body.examples is None):
-            raise HTTPException(422, detail=[{"loc": ["body"], "msg": "give exactly one of "
-                                              "'statements' or 'examples'"}])
+        _exactly_one(body, "statements", "examples")
         if body.statements is not None:
             _text_fields(body.statements)
             items = [Example(str(i), persona, "claim", claim=s) for i, s in enumerate(body.statements)]
@@ -270,9 +274,7 @@ class SteeringAPI:
         from icm_ray.data import Persona, default_description, load_datasets
         from icm_ray.engine import plan_jobs, save_inputs
 
-        if (body.examples is None) == (body.data_path is None):
-            raise HTTPException(422, detail=[{"loc": ["body"], "msg": "give exactly one of "
-                                              "'examples' or 'data_path'"}])
+        _exactly_one(body, "examples", "data_path")
         if body.examples is not None:
             dataset = _examples(body.examples, "examples", body.persona)
         else:

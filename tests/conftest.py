@@ -35,8 +35,9 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
-        os.environ.setdefault(name, "60")  # as ensure_ray: a slow proxy start is not a dead proxy
+    from icm_ray.engine import patient_serve_proxy
+
+    patient_serve_proxy()  # as ensure_ray: a slow proxy start is not a dead proxy
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=200 * 1024 * 1024, logging_level=logging.WARNING,
              log_to_driver=False)

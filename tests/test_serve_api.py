@@ -202,6 +202,17 @@ def test_fifty_concurrent_requests(api):
     assert codes == [200] * 50
 
 
+def finished_search(client, search_id: str) -> dict:
+    """The search's state once it stops running (up to 4 minutes); it must have finished."""
+    for _ in range(240):
+        state = client.get(f"/v1/searches/{search_id}").json()
+        if state["status"] != "running":
+            break
+        time.sleep(1)
+    assert state["status"] == "finished", state
+    return state
+
+
 def test_search_endpoint_runs_icm_and_publishes_the_persona(api):
     client, _ = api
     examples = [{"id": f"s{i}", "claim": text} for i, text in enumerate(
@@ -217,12 +228,7 @@ def test_search_endpoint_runs_icm_and_publishes_the_persona(api):
     third = client.post("/v1/searches", json={"persona": "green3", "examples": examples[:3],
                                               "iterations": 1})
     assert third.status_code == 429 and "already running" in third.json()["detail"]
-    for _ in range(240):
-        state = client.get(f"/v1/searches/{search_id}").json()
-        if state["status"] != "running":
-            break
-        time.sleep(1)
-    assert state["status"] == "finished", state
+    state = finished_search(client, search_id)
     assert state["summary"]["labelled"] >= 4
     assert "green" in [p["persona"] for p in client.get("/v1/personas").json()["personas"]]
 
@@ -242,12 +248,7 @@ def test_search_endpoint_takes_comparisons_with_their_consistency_groups(api):
             break
         time.sleep(1)
     assert started.status_code == 202, started.text
-    for _ in range(240):
-        state = client.get(f"/v1/searches/{started.json()['id']}").json()
-        if state["status"] != "running":
-            break
-        time.sleep(1)
-    assert state["status"] == "finished", state
+    state = finished_search(client, started.json()["id"])
     assert state["summary"]["inconsistencies"] == 0
     shown = client.get("/v1/personas/polite/examples", params={"k": 4}).json()["examples"]
     by_id = {e["id"]: e["label"] for e in shown}

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from icm_ray.config import RunConfig
 from icm_ray.errors import UserError
 from icm_ray_tune.objectives import PersonaTask
+from icm_ray_tune.report import fmt_value
 from icm_ray_tune.space import has_grid, to_tune
 from icm_ray_tune.trainable import run_trial
 
@@ -80,29 +81,25 @@ def progress_callback(metric: str, total: int):
 
     class Progress(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            settings = " ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items())
+            settings = " ".join(f"{k}={fmt_value(v)}" for k, v in (trial.config or {}).items())
             print(f"  trial {trial.trial_id} started: {settings}", flush=True)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if not result.get("finished"):
                 print(f"  trial {trial.trial_id}: {result.get('iteration')}/{total} "
-                      f"{metric}={_fmt(result.get(metric))} labelled={result.get('labelled')}", flush=True)
+                      f"{metric}={fmt_value(result.get(metric))} labelled={result.get('labelled')}",
+                      flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
             how = "completed" if last.get("finished") else "stopped early (ASHA)"
             print(f"  trial {trial.trial_id} {how} at {last.get('iteration')}/{total}: "
-                  f"{metric}={_fmt(last.get(metric))}", flush=True)
+                  f"{metric}={fmt_value(last.get(metric))}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"  trial {trial.trial_id} failed", flush=True)
 
     return Progress()
-
-
-def _fmt(value: Any) -> str:
-    value = _plain(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _plain(value: Any) -> Any:

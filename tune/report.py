@@ -13,7 +13,9 @@ from icm_ray.config import RunConfig
 from icm_ray_tune.plot import plot_trials
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
+    """A value for the table and the progress lines (numpy scalars from Tune as plain numbers)."""
+    value = value.item() if hasattr(value, "item") else value
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -30,10 +32,10 @@ def print_trials(rows: list[dict[str, Any]], metric: str, best: dict[str, Any], 
     for column in columns + ["settings"]:
         table.add_column(column, justify="left" if column in ("trial", "status", "settings") else "right")
     for row in sorted(rows, key=lambda r: (r["status"] != "completed", -(r.get(metric) or -1e300))):
-        settings = " ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
+        settings = " ".join(f"{k}={fmt_value(v)}" for k, v in row["params"].items())
         mark = " *" if row is best else ""
-        table.add_row(row["trial"] + mark, row["status"], _fmt(row.get("iteration")),
-                      *[_fmt(row.get(c)) for c in columns[3:]], settings)
+        table.add_row(row["trial"] + mark, row["status"], fmt_value(row.get("iteration")),
+                      *[fmt_value(row.get(c)) for c in columns[3:]], settings)
     out = Console()
     if not out.is_terminal:
         out = Console(width=220)
