@@ -53,6 +53,8 @@ def test_audit_reports_coherence_and_control_on_the_real_model(tmp_path):
     ("id,label\nID,true\n", ["--persona", "nobody"], "unknown persona 'nobody'"),
     ("id,label\nID,true\n", ["--shots", "0"], "--shots and --seeds must be at least 1"),
     (None, [], "no such label file"),
+    ('id,label\nID,"true\n', [], "labels.csv:2: not valid CSV"),
+    ("id,label\nID,true\n", ["--out", "OUTDIR"], "is a directory; give a file name"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, content, args, message):
     rows = demo_rows(per_persona=4)
@@ -61,6 +63,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, content, args, 
     if content is not None:
         labels.write_text(content.replace("ID", rows[0]["id"]))
     out = tmp_path / "audit.json"
+    (tmp_path / "outdir.json").mkdir()
+    args = [str(tmp_path / "outdir.json") if a == "OUTDIR" else a for a in args]
     assert cli("audit", labels, "--data", data, "--out", out, *args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err

@@ -143,6 +143,20 @@ def test_gold_file_formats_and_errors(tmp_path, typed_file):
     no_label = write_native(tmp_path / "n.jsonl", [{"id": "p-0"}])
     with pytest.raises(UserError, match=r"n.jsonl:1: field 'gold': missing"):
         load_gold(no_label, dataset)
+    table = tmp_path / "g.csv"
+    table.write_text("id,gold\np-0,true\np-1,no\n")
+    assert load_gold(table, dataset) == {"p-0": True, "p-1": False}
+    table.write_text("id,label\np-0,true\n")
+    with pytest.raises(UserError, match=r"g.csv:1: header must name the columns 'id' and 'gold'"):
+        load_gold(table, dataset)
+    scalars = tmp_path / "s.yaml"
+    scalars.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match=r"s.yaml: expected a list of \{id, gold\} rows"):
+        load_gold(scalars, dataset)
+    broken = tmp_path / "b.yaml"
+    broken.write_text("p-0: [true\n")
+    with pytest.raises(UserError, match=r"b.yaml:\d+: not valid YAML/JSON"):
+        load_gold(broken, dataset)
 
 
 @pytest.mark.parametrize("extra, message", [
