@@ -6,11 +6,22 @@ labelled example a demonstration. The mean (as the reference code) rather than t
 keeps U comparable between label sets of different sizes, so alpha means the same at 8
 labels as at 800.
 
-Prompt arrangement (a free choice: the method does not fix the order of demonstrations):
-divide and conquer over the labelled examples in pool order. For a set S split into halves
-L and R, every prompt for a member of R starts with L's demonstrations as one segment and
-vice versa, recursively. A backend that reuses shared prefixes then runs about
-N log2 N demonstration tokens per evaluation instead of N^2.
+Prompt arrangement (a free choice: the method does not fix the order of demonstrations;
+any implementation given the same arrangement computes the same numbers). The labelled set
+is a *base* plus a *tail*: the examples added or relabelled since the base was last
+rebuilt, in the order they changed (the search keeps the tail in its state).
+- Base: divide and conquer over a fixed binary tree of pool positions (each node halves
+  its range of positions). For a node whose halves L and R both hold labelled examples,
+  every prompt for a member of R starts with L's demonstrations as one segment and vice
+  versa, recursively: about N log2 N demonstration tokens per evaluation instead of N^2,
+  and because the tree is fixed, a change to one example leaves every segment that does
+  not contain it as it was.
+- Tail: its demonstrations follow, one segment each, in order, so adding an example or
+  relabelling the newest ones changes only the ends of the prompts; a backend that keeps
+  KV states across calls (transformers) then runs about one demonstration and one query
+  per prompt.
+- A tail member, or an example outside the set, sees the whole base (the top split's two
+  segments, so it extends a prefix the base's prompts already share) and then the tail.
 """
 
 from __future__ import annotations
@@ -36,38 +47,100 @@ class Evaluation:
     prompt_tokens: int
 
 
+class _Arrangement:
+    """The segments of one label set's prompts (see the module docstring)."""
+
+    def __init__(self, header: str, examples: Sequence[Example], labels: dict[int, bool],
+                 prompts: PromptConfig, tail: Sequence[int]):
+        self.header, self.examples, self.labels, self.prompts = header, examples, labels, prompts
+        self.tail = [p for p in tail if p in labels]
+        in_tail = set(self.tail)
+        self.base = sorted(p for p in labels if p not in in_tail)
+        self.span = max(len(examples), (max(labels) + 1) if labels else 0)
+        self.tail_segments = tuple(self.block([p]) for p in self.tail)
+
+    def block(self, positions: Sequence[int]) -> str:
+        return demonstrations_block(self.prompts, [self.examples[p] for p in positions],
+                                    [self.labels[p] for p in positions])
+
+    def request(self, segments: tuple[str, ...], position: int) -> ScoreRequest:
+        return ScoreRequest(segments, query_text(self.prompts, self.examples[position]),
+                            self.prompts.options)
+
+    def base_requests(self, wanted: set[int]) -> dict[int, ScoreRequest]:
+        out: dict[int, ScoreRequest] = {}
+
+        def recurse(lo: int, hi: int, members: list[int], prefix: tuple[str, ...]) -> None:
+            if not wanted.intersection(members):
+                return
+            if len(members) == 1:
+                out[members[0]] = self.request(prefix + self.tail_segments, members[0])
+                return
+            middle = (lo + hi) // 2
+            cut = next((i for i, p in enumerate(members) if p >= middle), len(members))
+            left, right = members[:cut], members[cut:]
+            if not left or not right:  # only one half holds members: no segment at this node
+                recurse(*((middle, hi) if not left else (lo, middle)), members, prefix)
+                return
+            recurse(lo, middle, left, prefix + (self.block(right),))
+            recurse(middle, hi, right, prefix + (self.block(left),))
+
+        recurse(0, self.span, self.base, (self.header,))
+        return out
+
+    def whole_base(self) -> tuple[str, ...]:
+        """All base demonstrations: the top split's left segment (the prefix of its right
+        half's prompts) followed by its right segment."""
+        lo, hi, members = 0, self.span, self.base
+        while len(members) > 1:
+            middle = (lo + hi) // 2
+            cut = next((i for i, p in enumerate(members) if p >= middle), len(members))
+            if 0 < cut < len(members):
+                return (self.block(members[:cut]), self.block(members[cut:]))
+            lo, hi = (middle, hi) if cut == 0 else (lo, middle)
+        return (self.block(members),) if members else ()
+
+    def outside_request(self, position: int) -> ScoreRequest:
+        """Every labelled example except `position` itself, for a tail member or a newcomer."""
+        kept = tuple(s for p, s in zip(self.tail, self.tail_segments) if p != position)
+        return self.request((self.header,) + self.whole_base() + kept, position)
+
+
 def leave_one_out_requests(
     header: str, examples: Sequence[Example], labels: dict[int, bool], targets: Sequence[int],
-    prompts: PromptConfig,
+    prompts: PromptConfig, tail: Sequence[int] = (),
 ) -> dict[int, ScoreRequest]:
     """The request for each target position, with all *other* labelled positions as context.
 
-    Targets need not be labelled (a proposal for a new example uses the same arrangement as if
-    it were in the set, so its request is identical to its later leave-one-out request).
+    A target outside the label set sees all of it, as if it were the next tail member: the
+    proposal for a new example is then its later leave-one-out request in the proposed set.
     """
-    members = sorted(set(labels) | set(targets))
-    wanted = set(targets)
-    out: dict[int, ScoreRequest] = {}
+    arrangement = _Arrangement(header, examples, labels, prompts, tail)
+    in_base = set(arrangement.base)
+    out = arrangement.base_requests({t for t in targets if t in in_base})
+    for target in targets:
+        if target not in in_base:
+            out[target] = arrangement.outside_request(target)
+    return {t: out[t] for t in targets}
 
-    def block(positions: Sequence[int]) -> str:
-        shown = [p for p in positions if p in labels]
-        return demonstrations_block(prompts, [examples[p] for p in shown], [labels[p] for p in shown])
 
-    def recurse(positions: list[int], prefix: tuple[str, ...]) -> None:
-        if not wanted.intersection(positions):
-            return
-        if len(positions) == 1:
-            p = positions[0]
-            out[p] = ScoreRequest(prefix, query_text(prompts, examples[p]), prompts.options)
-            return
-        middle = len(positions) // 2
-        left, right = positions[:middle], positions[middle:]
-        left_text, right_text = block(left), block(right)
-        recurse(left, prefix + (right_text,) if right_text else prefix)
-        recurse(right, prefix + (left_text,) if left_text else prefix)
+def next_tail(tail: Sequence[int], labels: dict[int, bool], changed: Sequence[int],
+              max_tail: int) -> list[int]:
+    """The tail after `changed` positions take new labels in the set `labels` (before the change).
 
-    recurse(members, (header,))
-    return out
+    Changed tail members and newcomers go to the end; a changed base member, a tail longer
+    than `max_tail`, or moving a member from deep in the tail (which would touch more of
+    every prompt than about log2 N demonstrations) rebuilds the base from everything (tail []).
+    """
+    tail = list(tail)
+    if any(p in labels and p not in tail for p in changed):
+        return []
+    moved = [i for i, p in enumerate(tail) if p in changed]
+    if moved and len(tail) - moved[0] > max(1, math.log2(max(2, len(labels)))):
+        return []
+    kept = [p for p in tail if p not in changed]
+    result = kept + [p for p in dict.fromkeys(changed)]
+    return result if len(result) <= max_tail else []
 
 
 def mean_log_odds(logprobs: dict[int, tuple[float, float]]) -> float:
@@ -88,7 +161,8 @@ def utility(predictability: float, inconsistency: int, alpha: float, weight: flo
 
 def evaluate(scorer: Scorer, header: str, examples: Sequence[Example], labels: dict[int, bool],
              prompts: PromptConfig, alpha: float, inconsistency: int,
-             calibrate: bool = False, inconsistency_weight: float = 1.0) -> Evaluation:
+             calibrate: bool = False, inconsistency_weight: float = 1.0,
+             tail: Sequence[int] = ()) -> Evaluation:
     """Score every labelled example given all the others; U = alpha * mean log-prob - w * I.
 
     With `calibrate`, each example's log-odds are first centred on their mean over the set,
@@ -98,7 +172,7 @@ def evaluate(scorer: Scorer, header: str, examples: Sequence[Example], labels: d
     if not labels:
         return Evaluation({}, 0.0, inconsistency, utility(0.0, inconsistency, alpha, inconsistency_weight),
                           0, 0)
-    requests = leave_one_out_requests(header, examples, labels, list(labels), prompts)
+    requests = leave_one_out_requests(header, examples, labels, list(labels), prompts, tail)
     order = list(requests)
     results = scorer.score([requests[p] for p in order])
     logprobs = {p: (r.logprobs[0], r.logprobs[1]) for p, r in zip(order, results)}
@@ -132,7 +206,7 @@ def log_odds_given(scorer: Scorer, header: str, examples: Sequence[Example], lab
         return [], 0, 0
     pool = list(examples) + list(targets)
     positions = list(range(len(examples), len(pool)))
-    requests = leave_one_out_requests(header, pool, labels, positions, prompts)
+    requests = leave_one_out_requests(header, pool, labels, positions, prompts)  # one shared context
     results = scorer.score([requests[p] for p in positions])
     return ([r.logprobs[0] - r.logprobs[1] for r in results], sum(r.tokens_run for r in results),
             sum(r.prompt_tokens for r in results))

@@ -39,6 +39,7 @@ from icm_ray.predictability import (
     evaluate,
     leave_one_out_requests,
     mean_log_odds,
+    next_tail,
     utility,
     zero_shot_requests,
 )
@@ -81,6 +82,9 @@ class SearchConfig(BaseModel):
     permutations: int = Field(2000, ge=0, description="permutation-test draws for orientation")
     orientation_p_max: float = Field(0.2, gt=0, le=1, description="flip only on prior evidence at "
                                      "least this strong (permutation p-value)")
+    max_tail: int = Field(32, ge=0, description="examples changed since the last rebuild that go, in "
+                          "order, at the end of every prompt (see icm_ray.predictability); 0: "
+                          "always one divide-and-conquer tree")
 
 
 @dataclass
@@ -101,6 +105,7 @@ class SearchState:
     zero_shot_log_odds: list[float] | None = None
     orientation: dict[str, Any] | None = None
     finished: bool = False
+    tail: list[int] = field(default_factory=list)  # prompt arrangement (predictability.next_tail)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -143,18 +148,21 @@ class ICMSearch:
         return (anneal(c.alpha, c.final_alpha, iteration, c.iterations),
                 anneal(c.inconsistency_weight, c.final_inconsistency_weight, iteration, c.iterations))
 
-    def _evaluate(self, labels: dict[int, bool], state: SearchState) -> Evaluation:
+    def _evaluate(self, labels: dict[int, bool], state: SearchState,
+                  tail: Sequence[int] = ()) -> Evaluation:
         as_list: list[bool | None] = [labels.get(p) for p in range(len(self.examples))]
         alpha, weight = self.weights(state.iteration)
         ev = evaluate(self.scorer, self.header, self.examples, labels, self.prompts,
                       alpha, count_inconsistencies(self.constraints, as_list),
-                      self.config.calibrate, weight)
+                      self.config.calibrate, weight, tail)
         state.tokens_run += ev.tokens_run
         state.prompt_tokens += ev.prompt_tokens
         return ev
 
-    def _adopt(self, state: SearchState, labels: dict[int, bool], ev: Evaluation) -> None:
+    def _adopt(self, state: SearchState, labels: dict[int, bool], ev: Evaluation,
+               tail: Sequence[int] = ()) -> None:
         state.labels = [labels.get(p) for p in range(len(self.examples))]
+        state.tail = list(tail)
         state.logprobs = ev.logprobs
         state.predictability, state.inconsistency, state.utility = (
             ev.predictability, ev.inconsistency, ev.utility)
@@ -175,7 +183,7 @@ class ICMSearch:
             labels[free[int(index)]] = bool(value)
             state.seeded[free[int(index)]] = True
         started = time.perf_counter()
-        self._adopt(state, labels, self._evaluate(labels, state))
+        self._adopt(state, labels, self._evaluate(labels, state, []), [])
         state.wall_seconds += time.perf_counter() - started
         state.rng = rng.bit_generator.state
         return state
@@ -216,9 +224,11 @@ class ICMSearch:
         position = self._sample(state, rng)
         accepted, proposal_u = True, state.utility
         if position >= 0:
-            others = {p: y for p, y in current.items() if p != position}
-            request = leave_one_out_requests(self.header, self.examples, others, [position],
-                                             self.prompts)[position]
+            # The example given all the others, as it stands in the current arrangement (a
+            # newcomer as the next tail member): for a labelled example this is its own
+            # leave-one-out prompt, already scored, and for a newcomer the one it gets if kept.
+            request = leave_one_out_requests(self.header, self.examples, current, [position],
+                                             self.prompts, state.tail)[position]
             result = self.scorer.score([request])[0]
             state.tokens_run += result.tokens_run
             state.prompt_tokens += result.prompt_tokens
@@ -226,14 +236,15 @@ class ICMSearch:
             bias = mean_log_odds(state.logprobs) if self.config.calibrate else 0.0
             proposed[position] = result.logprobs[0] - result.logprobs[1] >= bias
             if proposed != current:
-                ev = self._evaluate(proposed, state)
-                proposed, ev = self._fix(proposed, ev, state, rng)
+                tail = next_tail(state.tail, current, [position], self.config.max_tail)
+                ev = self._evaluate(proposed, state, tail)
+                proposed, ev, tail = self._fix(proposed, ev, tail, state, rng)
                 proposal_u = ev.utility
                 delta = ev.utility - state.utility
                 draw = rng.random()  # drawn every time: the RNG stream does not depend on delta
                 accepted = accept(delta, t, draw)
                 if accepted:
-                    self._adopt(state, proposed, ev)
+                    self._adopt(state, proposed, ev, tail)
         state.rng = rng.bit_generator.state
         state.wall_seconds += time.perf_counter() - started
         state.trace.append({
@@ -249,8 +260,8 @@ class ICMSearch:
         })
         return state
 
-    def _fix(self, labels: dict[int, bool], ev: Evaluation, state: SearchState,
-             rng: np.random.Generator) -> tuple[dict[int, bool], Evaluation]:
+    def _fix(self, labels: dict[int, bool], ev: Evaluation, tail: list[int], state: SearchState,
+             rng: np.random.Generator) -> tuple[dict[int, bool], Evaluation, list[int]]:
         """Mend violated pairs one at a time, keeping a repair only if U does not fall."""
         for _ in range(self.config.fix_rounds):
             as_list = [labels.get(p) for p in range(len(self.examples))]
@@ -259,19 +270,21 @@ class ICMSearch:
                 break
             pair = broken[int(rng.integers(len(broken)))]
             best: tuple[dict[int, bool], Evaluation] | None = None
+            candidate_tail = next_tail(tail, labels, [pair.i, pair.j], self.config.max_tail)
             for label_i, label_j in consistent_labellings(pair):
                 if any(p in self.clamp and self.clamp[p] != y
                        for p, y in ((pair.i, label_i), (pair.j, label_j))):
                     continue
                 candidate = dict(labels)
                 candidate[pair.i], candidate[pair.j] = label_i, label_j
-                candidate_ev = self._evaluate(candidate, state)
+                candidate_ev = self._evaluate(candidate, state, candidate_tail)
                 if best is None or candidate_ev.utility > best[1].utility:
                     best = (candidate, candidate_ev)
             if best is None or best[1].utility < ev.utility:
                 break
             labels, ev = best
-        return labels, ev
+            tail = candidate_tail
+        return labels, ev, tail
 
     # ------------------------------------------------------------ orientation
 
@@ -322,7 +335,7 @@ class ICMSearch:
         info, flip = self.orientation(state)
         if flip:
             flipped = {p: y for p, y in enumerate(self.flipped(state)) if y is not None}
-            self._adopt(state, flipped, self._evaluate(flipped, state))
+            self._adopt(state, flipped, self._evaluate(flipped, state, []), [])
         info["utility_after"] = state.utility
         state.orientation = info
         state.finished = True

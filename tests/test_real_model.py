@@ -54,12 +54,16 @@ def test_prefix_sharing_changes_nothing_but_cost(scorer, demo):
     labels = {p: p % 3 != 0 for p in range(10)}
     requests = list(leave_one_out_requests(header_text(prompts, persona), examples, labels,
                                            list(labels), prompts).values())
+    scorer.kv_store.clear()
     before = scorer.tokens_run
     shared = scorer.score(requests)
     run_shared = scorer.tokens_run - before
     assert sum(r.tokens_run for r in shared) == run_shared
     assert run_shared < 0.5 * sum(r.prompt_tokens for r in shared)
-    alone = [scorer.score([r])[0] for r in requests[:4]]
+    alone = []
+    for request in requests[:4]:
+        scorer.kv_store.clear()  # nothing kept from earlier calls: the whole prompt runs
+        alone.append(scorer.score([request])[0])
     for a, b in zip(alone, shared):
         assert a.prompt_tokens == b.prompt_tokens and a.tokens_run == a.prompt_tokens
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
@@ -71,6 +75,34 @@ def test_prefix_sharing_changes_nothing_but_cost(scorer, demo):
         scorer.pack_tokens = saved
     for a, b in zip(unpacked, shared):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+
+
+def test_kv_states_kept_across_calls_change_nothing_but_cost(scorer, demo):
+    """A later call reuses the KV states of segments an earlier call ran: the next tail member
+    of a set costs about one demonstration and one query per prompt, with the same numbers
+    as a scorer that keeps nothing (fp32)."""
+    from icm_ray.backends.hf import TransformersScorer
+
+    examples, persona = demo
+    prompts = PromptConfig()
+    header = header_text(prompts, persona)
+    labels = {p: p % 3 != 0 for p in range(12)}
+    scorer.kv_store.clear()
+    first = leave_one_out_requests(header, examples, labels, list(labels), prompts, tail=[10, 11])
+    scorer.score(list(first.values()))
+    grown = {**labels, 12: True}
+    requests = list(leave_one_out_requests(header, examples, grown, list(grown), prompts,
+                                           tail=[10, 11, 12]).values())
+    reused = scorer.score(requests)
+    fresh = TransformersScorer("smollm2-135m", dtype="float32", kv_cache_mb=0).score(requests)
+    demo_and_query = [len(scorer.tokenize(r.segments[-1])) + len(scorer.tokenize(r.query))
+                      for r in requests[:-1]]  # base members and tail members before the newcomer
+    assert sum(r.tokens_run for r in reused[:-1]) <= sum(demo_and_query)
+    assert sum(r.tokens_run for r in fresh) > 3 * sum(r.tokens_run for r in reused)
+    assert [r.prompt_tokens for r in reused] == [r.prompt_tokens for r in fresh]
+    for a, b in zip(reused, fresh):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert scorer.kv_store.hits > 0 and 0 < scorer.kv_store.bytes <= scorer.kv_store.max_bytes
 
 
 def test_caching_scorer_serves_repeats_without_running(scorer):

@@ -33,14 +33,17 @@ def cpu_has_fast_bf16() -> bool:
 @dataclass
 class _Node:
     tokens: list[int]
+    key: bytes  # identifies the whole path (see kvstore.path_key)
     children: dict[str, _Node] = field(default_factory=dict)
     queries: list[int] = field(default_factory=list)  # request indices ending here
     size: int = 0  # tokens in this node and everything below it
+    stored: Any = None  # this segment's KV states from the store, or None: to be run
 
 
 class TransformersScorer(Scorer):
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto",
-                 threads: int | None = None, device: str = "cpu", pack_tokens: int = 768):
+                 threads: int | None = None, device: str = "cpu", pack_tokens: int = 768,
+                 kv_cache_mb: int = 2048):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -79,6 +82,7 @@ class TransformersScorer(Scorer):
         self.max_tokens = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self._token_memo: dict[str, list[int]] = {}
         self.tokens_run = 0
+        self.contexts_run = 0  # sum over run tokens of the positions each attends to
         self.pack_tokens = pack_tokens  # subtrees up to this size share one forward pass
         # Sliding-window layers (Gemma 3) drop old states that a crop-and-branch walk needs,
         # and a custom tree mask would bypass their window: keep every state, let the model
@@ -87,6 +91,11 @@ class TransformersScorer(Scorer):
         self.sliding = any("sliding" in str(t) for t in layer_types)
         if self.sliding:
             self.pack_tokens = 0
+        # KV states of prompt prefixes kept across calls (see kvstore): off for sliding-window
+        # models, whose walk lets the model build its own masks over every state.
+        from icm_ray.backends.kvstore import PrefixKVStore
+
+        self.kv_store = PrefixKVStore(kv_cache_mb << 20) if kv_cache_mb > 0 and not self.sliding else None
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "transformers", "model": self.source.name,
@@ -154,13 +163,20 @@ class TransformersScorer(Scorer):
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         from transformers import DynamicCache
 
-        root = _Node(self.prefix_tokens)
+        from icm_ray.backends.kvstore import BufferCache, path_key
+
+        store = self.kv_store
+        root = _Node(self.prefix_tokens, b"root")
+        root.stored = store.get(root.key) if store is not None and root.tokens else None
         for index, request in enumerate(requests):
             node = root
             for segment in request.segments:
                 child = node.children.get(segment)
                 if child is None:
-                    child = node.children[segment] = _Node(self.tokenize(segment))
+                    child = node.children[segment] = _Node(self.tokenize(segment),
+                                                           path_key(node.key, segment))
+                    if store is not None:  # pinned for this call, whatever the LRU evicts meanwhile
+                        child.stored = store.get(child.key)
                 node = child
             node.queries.append(index)
         self._requests = requests
@@ -171,13 +187,19 @@ class TransformersScorer(Scorer):
         self._results: list[ScoreResult | None] = [None] * len(requests)
         self._pending = 0
         with self.torch.inference_mode():
-            cache = DynamicCache() if self.sliding else DynamicCache(config=self.model.config)
+            cache = DynamicCache() if self.sliding else BufferCache(self.model.config)
             if root.tokens:
-                self._forward(root.tokens, cache)
+                self._run_or_load(root, cache, 0)
             self._walk(root, cache, len(root.tokens))
         return self._results  # type: ignore[return-value]
 
     def _forward(self, tokens: list[int], cache, mask=None, positions=None, keep=1):
+        count = len(tokens)
+        if positions is None:  # a plain continuation of the cache
+            depth = cache.get_seq_length()
+            self.contexts_run += count * depth + count * (count + 1) // 2
+        else:
+            self.contexts_run += int(positions.sum()) + count
         ids = self.torch.tensor([tokens], dtype=self.torch.long, device=self.device)
         out = self.model(input_ids=ids, cache=cache, use_cache=True, attention_mask=mask,
                          position_ids=positions, logits_to_keep=keep)
@@ -185,11 +207,27 @@ class TransformersScorer(Scorer):
         self._pending += len(tokens)
         return out.logits[0]
 
+    def _run_or_load(self, node: _Node, cache, depth: int) -> None:
+        """Put a segment's states on top of its path in the cache: from the store, or by running it."""
+        if depth + len(node.tokens) > self.max_tokens:
+            raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
+                            "context; use fewer or shorter examples per persona")
+        if node.stored is not None:
+            cache.load(node.stored)
+            return
+        self._forward(node.tokens, cache)
+        self._keep(node, cache, depth)
+
+    def _keep(self, node: _Node, cache, start: int) -> None:
+        if self.kv_store is not None:
+            self.kv_store.put(node.key, cache.export(start, start + len(node.tokens)))
+
     def _walk(self, node: _Node, cache, depth: int) -> None:
         """Score everything below `node`, whose path (depth tokens) is in the cache.
 
         Small subtrees (and the queries at this node) are packed into one forward pass with a
-        tree attention mask; a subtree too big to pack runs its segment alone and recurses.
+        tree attention mask; a subtree too big to pack puts its segment in the cache alone
+        (loaded from the store or run) and recurses.
         """
         group: list[Any] = []
         size = 0
@@ -204,26 +242,36 @@ class TransformersScorer(Scorer):
                 group.append((kind, item))
                 size += item_size
                 continue
-            if depth + len(item.tokens) > self.max_tokens:
-                raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
-                                "context; use fewer or shorter examples per persona")
-            self._forward(item.tokens, cache)
+            self._run_or_load(item, cache, depth)
             self._walk(item, cache, depth + len(item.tokens))
             cache.crop(-len(item.tokens))
         if group:
             self._packed(group, cache, depth)
 
     def _packed(self, items: list[Any], cache, depth: int) -> None:
-        """One forward pass for several subtrees on top of a shared cached prefix."""
+        """One forward pass for several subtrees on top of a shared cached prefix.
+
+        Segments found in the store are loaded into the cache after the prefix (columns
+        depth..depth+loaded); the rest run in this pass, each token seeing the prefix, its
+        ancestors (loaded or run) and itself.
+        """
         tokens: list[int] = []
         positions: list[int] = []
-        blocks: list[tuple[int, int, list[int]]] = []  # start, length, ancestor block ids
+        blocks: list[tuple[int, int, list[int], bool]] = []  # start, length, ancestors, loaded
+        loads: list[Any] = []
+        loaded = [0]  # tokens loaded so far
         readouts: list[tuple[int, int, int]] = []  # request, last token index, block id
+        fresh_nodes: list[tuple[_Node, int]] = []  # segments run here: kept in the store
 
-        def place(ids: list[int], position: int, ancestors: list[int]) -> int:
-            blocks.append((len(tokens), len(ids), ancestors))
-            tokens.extend(ids)
-            positions.extend(range(position, position + len(ids)))
+        def place(ids: list[int], position: int, ancestors: list[int], states=None) -> int:
+            if states is not None:
+                blocks.append((loaded[0], len(ids), ancestors, True))
+                loads.append(states)
+                loaded[0] += len(ids)
+            else:
+                blocks.append((len(tokens), len(ids), ancestors, False))
+                tokens.extend(ids)
+                positions.extend(range(position, position + len(ids)))
             return len(blocks) - 1
 
         def lay(kind: str, item: Any, position: int, ancestors: list[int]) -> None:
@@ -231,7 +279,9 @@ class TransformersScorer(Scorer):
                 block = place(self._query_ids[item], position, ancestors)
                 readouts.append((item, len(tokens) - 1, block))
                 return
-            block = place(item.tokens, position, ancestors)
+            block = place(item.tokens, position, ancestors, item.stored)
+            if item.stored is None:
+                fresh_nodes.append((item, block))
             below = position + len(item.tokens)
             for index in item.queries:
                 lay("query", index, below, ancestors + [block])
@@ -244,27 +294,35 @@ class TransformersScorer(Scorer):
             raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
                             "context; use fewer examples per persona")
         torch = self.torch
-        count = len(tokens)
+        for states in loads:
+            cache.load(states)
+        span, count = loaded[0], len(tokens)
         keep = torch.tensor([r[1] for r in readouts])
-        if len(blocks) == 1:  # one plain continuation: the model builds its own (sliding) masks
+        fresh = [b for b, block in enumerate(blocks) if not block[3]]
+        if len(fresh) == 1 and len(blocks[fresh[0]][2]) == len(loads):
+            # one plain continuation of everything in the cache: the model builds its own masks
             logits = self._forward(tokens, cache, keep=keep)
         else:
-            mask = torch.zeros((count, depth + count), dtype=torch.bool)
+            mask = torch.zeros((count, depth + span + count), dtype=torch.bool)
             mask[:, :depth] = True
-            for start, length, ancestors in blocks:
+            for b in fresh:
+                start, length, ancestors, _ = blocks[b]
                 rows = slice(start, start + length)
                 for a in ancestors:
-                    a_start, a_length, _ = blocks[a]
-                    mask[rows, depth + a_start: depth + a_start + a_length] = True
-                mask[rows, depth + start: depth + start + length] = torch.ones(
+                    a_start, a_length, _, a_loaded = blocks[a]
+                    column = depth + a_start if a_loaded else depth + span + a_start
+                    mask[rows, column: column + a_length] = True
+                mask[rows, depth + span + start: depth + span + start + length] = torch.ones(
                     (length, length), dtype=torch.bool).tril()
             logits = self._forward(tokens, cache, mask[None, None].to(self.device),
                                    torch.tensor([positions], device=self.device), keep)
-        cache.crop(-count)
+        for node, b in fresh_nodes:
+            self._keep(node, cache, depth + span + blocks[b][0])
+        cache.crop(-(span + count))
         charged: set[int] = set()
         pending_outside = self._pending - count  # tokens run before this pack, not yet charged
         for row, (index, _, block) in enumerate(readouts):
-            mine = [b for b in blocks[block][2] + [block] if b not in charged]
+            mine = [b for b in blocks[block][2] + [block] if b not in charged and not blocks[b][3]]
             charged.update(mine)
             run = sum(blocks[b][1] for b in mine) + pending_outside
             pending_outside = 0
