@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/naive_vs_ours.py [--persona politically-liberal]
         [--rows 32:16 64:16 128:16 128:128] [--iterations 4] [--naive-max 128] [--seed 0]
+        [--dtype auto|float32]
 
 Each row is N:U, N labelled + U unlabelled balanced statements of one Anthropic persona file
 (../shared/data/anthropic-persona, CC BY 4.0; gold is never used). N:16 is a nearly fully
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import tempfile
@@ -98,7 +100,24 @@ def steps(search: ICMSearch, state: SearchState, iterations: int, model: Transfo
     run = state.tokens_run - tokens
     return {"tokens": run / iterations, "prompt": (state.prompt_tokens - prompt) / iterations,
             "wall": wall / iterations, "labels": list(state.labels),
-            "context": (model.contexts_run - contexts) / max(1, run)}
+            "context": (model.contexts_run - contexts) / max(1, run), "trace": state.trace[-iterations:]}
+
+
+def first_difference(naive: list[dict], ours: list[dict], start_utility: float) -> str:
+    """Where two same-prompt runs part (bf16 rounds the two computations differently), and how
+    close that decision was: a step accepts iff U' - U >= T ln(draw)."""
+    before = start_utility
+    for a, b in zip(naive, ours):
+        if (a["example"], a["accepted"]) != (b["example"], b["accepted"]):
+            line = (f"    first difference at iteration {a['iteration']} (example {a['example']}): "
+                    f"accepted naive {a['accepted']}, ours {b['accepted']}")
+            if a["draw"] is not None:
+                threshold = a["temperature"] * math.log(a["draw"])
+                line += (f"; U {before:.4f}, U' naive {a['proposal_utility']:.4f} ours "
+                         f"{b['proposal_utility']:.4f}, T ln(draw) {threshold:.4f}")
+            return line
+        before = a["utility"]
+    return "    traces agree step by step"
 
 
 def plain_forward_rate(scorer: TransformersScorer, length: int, budget: int = 8192) -> float:
@@ -144,9 +163,10 @@ def main() -> None:
     parser.add_argument("--naive-max", type=int, default=128,
                         help="largest N at which the naive variant really runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it) or float32")
     args = parser.parse_args()
 
-    model = TransformersScorer("smollm2-135m")
+    model = TransformersScorer("smollm2-135m", dtype=args.dtype)
     persona = resolve_persona(args.persona, {})
     print(f"bench/naive_vs_ours.py: {args.persona}, rows N labelled:U unlabelled, {args.iterations} "
           f"iterations from one shared start, seed {args.seed}, smollm2-135m {model.dtype} on CPU "
@@ -172,6 +192,8 @@ def main() -> None:
             assert naive["tokens"] == ours["prompt"], "naive tokens must equal ours' prompt tokens"
             naive_rate = naive["tokens"] / naive["wall"]
             same = "yes" if naive["labels"] == ours["labels"] else "NO"
+            if same == "NO":
+                print(first_difference(naive["trace"], ours["trace"], start.utility), flush=True)
             naive_wall = f"{naive['wall']:>11.1f}"
             ratio_wall = naive["wall"] / ours["wall"]
         else:  # too slow to run here; its tokens are exact, its time extrapolated

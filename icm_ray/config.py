@@ -24,6 +24,8 @@ class ModelConfig(BaseModel):
         "auto", description="auto (bf16 where the CPU has it), float32, bfloat16, float16")
     threads: int | None = Field(None, ge=1, description="torch threads per replica")
     device: str = "cpu"
+    kv_cache_mb: int = Field(2048, ge=0, description="transformers backend: MiB of KV states of "
+                             "prompt prefixes kept across calls (LRU; 0: keep none)")
     # openai backend (any server with /v1/completions and logprobs)
     base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="name of the environment variable holding "

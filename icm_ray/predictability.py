@@ -100,10 +100,10 @@ class _Arrangement:
             lo, hi = (middle, hi) if cut == 0 else (lo, middle)
         return (self.block(members),) if members else ()
 
-    def outside_request(self, position: int) -> ScoreRequest:
-        """Every labelled example except `position` itself, for a tail member or a newcomer."""
-        kept = tuple(s for p, s in zip(self.tail, self.tail_segments) if p != position)
-        return self.request((self.header,) + self.whole_base() + kept, position)
+    def context(self, leave_out: int | None = None) -> tuple[str, ...]:
+        """Every labelled example except `leave_out`: the prompt of a tail member or a newcomer."""
+        kept = tuple(s for p, s in zip(self.tail, self.tail_segments) if p != leave_out)
+        return (self.header,) + self.whole_base() + kept
 
 
 def leave_one_out_requests(
@@ -120,7 +120,7 @@ def leave_one_out_requests(
     out = arrangement.base_requests({t for t in targets if t in in_base})
     for target in targets:
         if target not in in_base:
-            out[target] = arrangement.outside_request(target)
+            out[target] = arrangement.request(arrangement.context(target), target)
     return {t: out[t] for t in targets}
 
 
@@ -201,12 +201,11 @@ def zero_shot_requests(header: str, examples: Sequence[Example],
 def log_odds_given(scorer: Scorer, header: str, examples: Sequence[Example], labels: dict[int, bool],
                    targets: Sequence[Example], prompts: PromptConfig) -> tuple[list[float], int, int]:
     """log P(True) - log P(False) of each target with every labelled example as a demonstration
-    (the arrangement a proposal uses), plus (tokens run, prompt tokens)."""
+    (the arrangement a newcomer's proposal uses), plus (tokens run, prompt tokens)."""
     if not targets:
         return [], 0, 0
-    pool = list(examples) + list(targets)
-    positions = list(range(len(examples), len(pool)))
-    requests = leave_one_out_requests(header, pool, labels, positions, prompts)  # one shared context
-    results = scorer.score([requests[p] for p in positions])
+    context = _Arrangement(header, examples, labels, prompts, ()).context()  # shared by all targets
+    results = scorer.score([ScoreRequest(context, query_text(prompts, t), prompts.options)
+                            for t in targets])
     return ([r.logprobs[0] - r.logprobs[1] for r in results], sum(r.tokens_run for r in results),
             sum(r.prompt_tokens for r in results))

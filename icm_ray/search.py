@@ -222,7 +222,7 @@ class ICMSearch:
         state.utility = utility(state.predictability, state.inconsistency, alpha, weight)
         current = state.labelled
         position = self._sample(state, rng)
-        accepted, proposal_u = True, state.utility
+        accepted, proposal_u, draw = True, state.utility, None
         if position >= 0:
             # The example given all the others, as it stands in the current arrangement (a
             # newcomer as the next tail member): for a labelled example this is its own
@@ -252,7 +252,7 @@ class ICMSearch:
             "inconsistency_weight": weight, "example": position,
             "utility": state.utility, "proposal_utility": proposal_u,
             "predictability": state.predictability, "inconsistency": state.inconsistency,
-            "accepted": accepted, "labelled": len(state.labelled),
+            "accepted": accepted, "draw": draw, "labelled": len(state.labelled),
             "tokens_run": state.tokens_run - tokens_before,
             "prompt_tokens": state.prompt_tokens - prompt_before,
             "tokens_cached": (state.prompt_tokens - prompt_before) - (state.tokens_run - tokens_before),

@@ -20,7 +20,8 @@ def _transformers(model: dict[str, Any]) -> Scorer:
     from icm_ray.backends.hf import TransformersScorer
 
     return TransformersScorer(model.get("name", "smollm2-135m"), model.get("dtype", "auto"),
-                              model.get("threads"), model.get("device", "cpu"))
+                              model.get("threads"), model.get("device", "cpu"),
+                              kv_cache_mb=model.get("kv_cache_mb", 2048))
 
 
 def _vllm(model: dict[str, Any]) -> Scorer:
