@@ -103,6 +103,7 @@ def run(
             dataset = data_module.load_datasets(data, data_format)
             definitions = data_module.load_personas(personas_file)
         else:
+            _no_format_without_data(data_format)
             dataset, definitions = data_module.load_demo()
             if personas_file:
                 definitions.update(data_module.load_personas(personas_file))
@@ -392,6 +393,12 @@ def _check_listen(host: str, port: int) -> None:
 # ---------------------------------------------------------------- using the results
 
 
+def _no_format_without_data(data_format: str) -> None:
+    if data_format != "auto":
+        raise UserError(f"--format {data_format}: --format applies to --data files, and without "
+                        "--data the built-in demo data is used")
+
+
 def _dataset(data, data_format, personas_file, persona):
     """The data and persona definitions, as `run` reads them (demo data without --data)."""
     from icm_ray import data as data_module
@@ -400,6 +407,7 @@ def _dataset(data, data_format, personas_file, persona):
         dataset = data_module.load_datasets(data, data_format)
         definitions = data_module.load_personas(personas_file)
     else:
+        _no_format_without_data(data_format)
         dataset, definitions = data_module.load_demo()
         definitions.update(data_module.load_personas(personas_file))
     if persona:

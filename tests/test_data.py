@@ -259,3 +259,10 @@ def test_resume_and_serve_refuse_what_is_not_a_run(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stray.txt"]  # nothing written
+
+
+def test_format_without_data_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, err = _run_cli(monkeypatch, capsys, "--format", "xml", "--out", str(out), "--iterations", "1")
+    assert code == 2 and err.count("\n") == 0 and "--format" in err and "--data" in err
+    assert not out.exists()
