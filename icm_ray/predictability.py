@@ -47,6 +47,12 @@ class Evaluation:
     prompt_tokens: int
 
 
+def _halve(lo: int, hi: int, members: Sequence[int]) -> tuple[int, int]:
+    """The middle of the position range [lo, hi) and how many (sorted) members lie below it."""
+    middle = (lo + hi) // 2
+    return middle, next((i for i, p in enumerate(members) if p >= middle), len(members))
+
+
 class _Arrangement:
     """The segments of one label set's prompts (see the module docstring)."""
 
@@ -76,8 +82,7 @@ class _Arrangement:
             if len(members) == 1:
                 out[members[0]] = self.request(prefix + self.tail_segments, members[0])
                 return
-            middle = (lo + hi) // 2
-            cut = next((i for i, p in enumerate(members) if p >= middle), len(members))
+            middle, cut = _halve(lo, hi, members)
             left, right = members[:cut], members[cut:]
             if not left or not right:  # only one half holds members: no segment at this node
                 recurse(*((middle, hi) if not left else (lo, middle)), members, prefix)
@@ -93,8 +98,7 @@ class _Arrangement:
         half's prompts) followed by its right segment."""
         lo, hi, members = 0, self.span, self.base
         while len(members) > 1:
-            middle = (lo + hi) // 2
-            cut = next((i for i, p in enumerate(members) if p >= middle), len(members))
+            middle, cut = _halve(lo, hi, members)
             if 0 < cut < len(members):
                 return (self.block(members[:cut]), self.block(members[cut:]))
             lo, hi = (middle, hi) if cut == 0 else (lo, middle)
