@@ -141,6 +141,8 @@ def test_bad_input_is_one_line_error_and_exit_code_2(tmp_path, capsys, monkeypat
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--config", "CONFIG:search:\n  alpha: -1\n"], "field 'search.alpha'"),
     (["--config", "CONFIG:search:\n  temperature: 3\n"], "field 'search.temperature'"),
+    (["--config", "CONFIG:search:\n  max_tail: -1\n"], "field 'search.max_tail'"),
+    (["--config", "CONFIG:model:\n  kv_cache_mb: lots\n"], "field 'model.kv_cache_mb'"),
     (["--config", "CONFIG:prompts:\n  header: 'Hi {nope}'\n"], "field 'prompts.header'"),
     (["--config", "CONFIG:[1, 2\n"], "not valid YAML/JSON"),
     (["--personas", "CONFIG:personas:\n  - description: x\n"], "field 'name': missing"),
