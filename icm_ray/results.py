@@ -23,6 +23,20 @@ LABELS_SCHEMA = pa.schema([
     ("seeded", pa.bool_()), ("clamped", pa.bool_()),
 ])
 
+# One row per persona and search step (ICMSearch.step). Fixed, so every trace.parquet has the
+# same columns and types: with no steps (--iterations 0), when no step drew (draw is null when
+# nothing was proposed) and for rows of an older checkpoint that lack a field (null there).
+TRACE_SCHEMA = pa.schema([
+    ("persona", pa.string()), ("iteration", pa.int64()), ("temperature", pa.float64()),
+    ("alpha", pa.float64()), ("inconsistency_weight", pa.float64()),
+    ("example", pa.int64()),  # position of the sampled example; -1: nothing left to sample
+    ("utility", pa.float64()), ("proposal_utility", pa.float64()),
+    ("predictability", pa.float64()), ("inconsistency", pa.int64()),
+    ("accepted", pa.bool_()), ("draw", pa.float64()), ("labelled", pa.int64()),
+    ("tokens_run", pa.int64()), ("prompt_tokens", pa.int64()), ("tokens_cached", pa.int64()),
+    ("wall_seconds", pa.float64()),
+])
+
 
 def package_version() -> str:
     try:
@@ -110,7 +124,7 @@ def write_run(store: RunStore, finished: dict[str, tuple[Sequence[Example], Sear
                           steering_rows(examples, state, prompts))
         personas.append(persona_summary(persona, examples, state, gold))
     store.write_parquet("labels.parquet", labels, LABELS_SCHEMA)
-    store.write_parquet("trace.parquet", trace)
+    store.write_parquet("trace.parquet", trace, TRACE_SCHEMA)
     store.write_json("config.json", {"config": config, "model": model_identity,
                                      "seed": config["search"]["seed"],
                                      "icm_ray_version": package_version()})

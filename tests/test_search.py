@@ -1,10 +1,14 @@
 import json
 import math
 
+import pyarrow.parquet as pq
 import pytest
 
 from icm_ray.data import Persona, load_datasets
+from icm_ray.prompts import PromptConfig
+from icm_ray.results import TRACE_SCHEMA, write_run
 from icm_ray.search import ICMSearch, SearchConfig, SearchState, accept
+from icm_ray.store import RunStore
 from tests.conftest import typed_rows, write_native
 from tests.fakes import TypeMajorityScorer, type_of
 
@@ -111,3 +115,25 @@ def test_clamped_labels_are_never_flipped(typed_file):
     state = ICMSearch(examples, PERSONA, TypeMajorityScorer(), config, clamp=clamp).run()
     assert state.labels[0] is False and state.labels[1] is True
     assert state.orientation["decision"] == "anchored by human labels"
+
+
+def _write_trace(tmp_path, name, examples, state):
+    store = RunStore(tmp_path / name)
+    write_run(store, {"p": (examples, state)}, {}, {"search": {"seed": 0}}, {}, PromptConfig())
+    return pq.read_table(tmp_path / name / "trace.parquet")
+
+
+def test_trace_parquet_has_one_fixed_schema(typed_file, tmp_path):
+    """Same columns and types whatever the rows: no steps, steps, or an old checkpoint's rows."""
+    examples = load_datasets([typed_file]).examples
+    normal = run(examples, iterations=5)
+    assert set(normal.trace[-1]) | {"persona"} == set(TRACE_SCHEMA.names)  # no field left out
+    table = _write_trace(tmp_path, "normal", examples, normal)
+    assert table.schema == TRACE_SCHEMA and table.num_rows == 5
+    empty = _write_trace(tmp_path, "none", examples, run(examples, iterations=0))
+    assert empty.schema == TRACE_SCHEMA and empty.num_rows == 0
+    old = run(examples, iterations=3)  # an unfinished old checkpoint: rows written before `draw`
+    for row in old.trace:
+        row.pop("draw")
+    table = _write_trace(tmp_path, "old", examples, old)
+    assert table.schema == TRACE_SCHEMA and table.column("draw").to_pylist() == [None] * 3
