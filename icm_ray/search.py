@@ -34,6 +34,7 @@ from icm_ray.consistency import (
     violations,
 )
 from icm_ray.data import Example, Persona
+from icm_ray.fields import Integer
 from icm_ray.predictability import (
     Evaluation,
     evaluate,
@@ -68,10 +69,10 @@ class SearchConfig(BaseModel):
     initial_temperature: float = Field(10.0, gt=0, description="T0")
     final_temperature: float = Field(0.01, gt=0, description="T_min")
     cooling_rate: float = Field(0.99, ge=0, description="rate: beta in T0 / (1 + beta log n)")
-    seed_labels: int = Field(8, ge=0, description="K random, balanced seed labels")
-    iterations: int = Field(64, ge=0, description="search steps per persona")
-    seed: int = Field(0, ge=0)
-    fix_rounds: int = Field(10, ge=0, description="consistency-fix rounds per step")
+    seed_labels: Integer = Field(8, ge=0, description="K random, balanced seed labels")
+    iterations: Integer = Field(64, ge=0, description="search steps per persona")
+    seed: Integer = Field(0, ge=0)
+    fix_rounds: Integer = Field(10, ge=0, description="consistency-fix rounds per step")
     group_weight: float = Field(100.0, gt=0, description="sampling weight of unlabelled "
                                 "examples whose group already has labelled members")
     group_rule: Literal["equal", "exclusive"] | None = Field(
@@ -79,10 +80,10 @@ class SearchConfig(BaseModel):
     orientation: Literal["prior", "none"] = "prior"
     calibrate: bool = Field(False, description="centre log-odds on the set's mean before scoring "
                             "(guards against one-sided label sets; not in the paper)")
-    permutations: int = Field(2000, ge=0, description="permutation-test draws for orientation")
+    permutations: Integer = Field(2000, ge=0, description="permutation-test draws for orientation")
     orientation_p_max: float = Field(0.2, gt=0, le=1, description="flip only on prior evidence at "
                                      "least this strong (permutation p-value)")
-    max_tail: int = Field(32, ge=0, description="examples changed since the last rebuild that go, in "
+    max_tail: Integer = Field(32, ge=0, description="examples changed since the last rebuild that go, in "
                           "order, at the end of every prompt (see icm_ray.predictability); 0: "
                           "always one divide-and-conquer tree")
 

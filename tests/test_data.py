@@ -143,6 +143,13 @@ def test_bad_input_is_one_line_error_and_exit_code_2(tmp_path, capsys, monkeypat
     (["--config", "CONFIG:search:\n  temperature: 3\n"], "field 'search.temperature'"),
     (["--config", "CONFIG:search:\n  max_tail: -1\n"], "field 'search.max_tail'"),
     (["--config", "CONFIG:model:\n  kv_cache_mb: lots\n"], "field 'model.kv_cache_mb'"),
+    # YAML booleans are not integers (pydantic alone would take true as 1)
+    (["--config", "CONFIG:search:\n  max_tail: true\n"], "field 'search.max_tail'"),
+    (["--config", "CONFIG:model:\n  kv_cache_mb: true\n"], "field 'model.kv_cache_mb'"),
+    (["--config", "CONFIG:search:\n  iterations: false\n"], "field 'search.iterations'"),
+    (["--config", "CONFIG:model:\n  threads: true\n"], "field 'model.threads'"),
+    (["--config", "CONFIG:ray:\n  replicas: true\n"], "field 'ray.replicas'"),
+    (["--config", "CONFIG:model:\n  kv_cache_mb: 2000000\n"], "field 'model.kv_cache_mb': at most"),
     (["--config", "CONFIG:prompts:\n  header: 'Hi {nope}'\n"], "field 'prompts.header'"),
     (["--config", "CONFIG:[1, 2\n"], "not valid YAML/JSON"),
     (["--personas", "CONFIG:personas:\n  - description: x\n"], "field 'name': missing"),
@@ -170,7 +177,23 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch, args, me
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0, err
-    assert not (out / "summary.json").exists()
+    assert not out.exists()  # nothing written
+
+
+def test_config_integers_are_plain_integers(tmp_path):
+    """YAML integers (and Tune's numpy integers) are taken; only booleans are refused."""
+    import numpy as np
+
+    from icm_ray.config import load_config
+    from icm_ray.search import SearchConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("search:\n  max_tail: 0\n  iterations: 3\nmodel:\n  kv_cache_mb: 1048576\n"
+                 "  threads: 2\nray:\n  replicas: 2\n")
+    config = load_config(f)
+    assert (config.search.max_tail, config.search.iterations, config.model.kv_cache_mb,
+            config.model.threads, config.ray.replicas) == (0, 3, 1048576, 2, 2)
+    assert SearchConfig(seed_labels=np.int64(4)).seed_labels == 4
 
 
 def test_unknown_persona_lists_known_ones(tmp_path):
