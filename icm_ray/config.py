@@ -89,9 +89,13 @@ class RunConfig(BaseModel):
     ray: RayConfig = RayConfig()
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def describe_validation_error(err: ValidationError, source: str, within: str = "") -> str:
+    """One line for the first error: `source: field 'a.b': message (and N more)`.
+
+    `within` is where the validated mapping sits in the source (e.g. "config" in inputs.json).
+    """
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = ".".join([within] * bool(within) + [str(p) for p in first["loc"]]) or "(top level)"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{source}: field '{where}': {first['msg']}{more}"
 
@@ -120,4 +124,4 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_describe(err, source)) from None
+        raise UserError(describe_validation_error(err, source)) from None

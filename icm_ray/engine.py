@@ -70,14 +70,19 @@ def load_clamp(store) -> dict[str, bool]:
 
 
 def load_inputs(store) -> tuple[RunConfig, Dataset, dict[str, Persona]]:
+    from pydantic import ValidationError
+
+    from icm_ray.config import describe_validation_error
+    from icm_ray.errors import UserError
+
     raw = store.read_json("inputs.json")
     try:
         config = RunConfig.model_validate(raw["config"])
         dataset = Dataset([Example(**e) for e in raw["examples"]], dict(raw["gold"]))
         personas = {n: Persona(n, d) for n, d in raw["personas"].items()}
+    except ValidationError as err:  # a setting edited by hand or from another version: one line
+        raise UserError(describe_validation_error(err, f"{store.uri}/inputs.json", "config")) from None
     except (KeyError, TypeError, ValueError) as err:
-        from icm_ray.errors import UserError
-
         raise UserError(f"{store.uri}/inputs.json: not a valid run inputs file ({err})") from None
     return config, dataset, personas
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from icm_ray.cli import main
-from icm_ray.data import default_description, load_datasets, load_demo, load_personas
+from icm_ray.data import Persona, default_description, load_datasets, load_demo, load_personas
 from icm_ray.errors import UserError
 from tests.conftest import write_native
 
@@ -284,6 +284,28 @@ def test_resume_and_serve_refuse_what_is_not_a_run(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stray.txt"]  # nothing written
+
+
+@pytest.mark.parametrize("section, name, value", [
+    ("search", "max_tail", -1), ("search", "max_tail", True), ("model", "kv_cache_mb", "lots"),
+])
+def test_resume_with_a_bad_saved_config_is_one_line(tmp_path, monkeypatch, capsys, section, name, value):
+    """inputs.json edited by hand (or written by another version): the file and field, in one line."""
+    from icm_ray.config import RunConfig
+    from icm_ray.engine import save_inputs
+    from icm_ray.store import RunStore
+
+    run = tmp_path / "run"
+    dataset = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD])])
+    save_inputs(RunStore(run), RunConfig(), dataset, {"p": Persona("p", "likes tests")})
+    inputs = json.loads((run / "inputs.json").read_text())
+    inputs["config"][section][name] = value
+    (run / "inputs.json").write_text(json.dumps(inputs))
+    before = sorted(p.name for p in run.rglob("*"))
+    code, err = _run_cli(monkeypatch, capsys, "--resume", str(run))
+    assert code == 2 and err.count("\n") == 0, err
+    assert f"{run}/inputs.json: field 'config.{section}.{name}'" in err, err
+    assert sorted(p.name for p in run.rglob("*")) == before  # nothing written
 
 
 def test_format_without_data_is_a_one_line_error(tmp_path, monkeypatch, capsys):
