@@ -105,6 +105,33 @@ def test_kv_states_kept_across_calls_change_nothing_but_cost(scorer, demo):
     assert scorer.kv_store.hits > 0 and 0 < scorer.kv_store.bytes <= scorer.kv_store.max_bytes
 
 
+def test_scores_are_bit_identical_whatever_the_store_holds_in_bf16(demo):
+    """bf16 rounding is coarse enough to flip a Metropolis decision, so a segment's numbers must
+    not depend on how it was computed: cold, repeated, after a related set warmed the store
+    differently, one request alone, or unpacked without a store all give the same bits."""
+    from icm_ray.backends.hf import TransformersScorer
+
+    examples, persona = demo
+    prompts = PromptConfig()
+    header = header_text(prompts, persona)
+    labels = {p: p % 3 != 0 for p in range(10)}
+
+    def requests(labels, tail=()):
+        return list(leave_one_out_requests(header, examples, labels, list(labels), prompts,
+                                           tail=list(tail)).values())
+
+    scorer = TransformersScorer("smollm2-135m", dtype="bfloat16")
+    wanted = requests(labels)
+    cold = [r.logprobs for r in scorer.score(wanted)]
+    assert [r.logprobs for r in scorer.score(wanted)] == cold
+    scorer.score(requests({**labels, 3: True, 10: False}, tail=[3, 10]))
+    assert [r.logprobs for r in scorer.score(wanted)] == cold
+    scorer.kv_store.clear()
+    assert [scorer.score([r])[0].logprobs for r in wanted[:3]] == cold[:3]
+    plain = TransformersScorer("smollm2-135m", dtype="bfloat16", kv_cache_mb=0, pack_tokens=0)
+    assert [r.logprobs for r in plain.score(wanted)] == cold
+
+
 def test_caching_scorer_serves_repeats_without_running(scorer):
     cached = CachingScorer(scorer)
     request = ScoreRequest(("Header.\n\n",), "Statement: cats purr.\nLabel:", OPTIONS)

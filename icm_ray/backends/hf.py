@@ -3,12 +3,12 @@
 A batch of requests is arranged into a trie of segments and walked depth first with one KV
 cache: a big segment is run once on top of its parent's cache and cropped off again after
 its subtree; small subtrees (up to `pack_tokens`) are packed into a single forward pass
-with a tree attention mask, each token seeing the cached prefix, its ancestors in the pack
-and itself. Every prompt token is run once per batch however many requests share it.
-Across calls, the KV states of every segment run are kept in an LRU store keyed by the
-segment's whole path (kvstore.py), so a later call loads a shared prefix instead of running
-it again. Packing and reuse change a request's numbers only by floating-point rounding
-(about 1e-5 in fp32).
+(each segment attending to its own path only, see pathattention.py). Every prompt token is
+run once per batch however many requests share it. Across calls, the KV states of every
+segment run are kept in an LRU store keyed by the segment's whole path (kvstore.py), so a
+later call loads a shared prefix instead of running it again. A segment's numbers depend on
+its path alone, so packing, batching and reuse give bit-identical scores in any dtype: a
+resumed run, or another replica with another store, decides exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from icm_ray.backends import pathattention
 from icm_ray.backends.base import Scorer, ScoreRequest, ScoreResult
 from icm_ray.errors import UserError
 
@@ -94,6 +95,12 @@ class TransformersScorer(Scorer):
         self.sliding = any("sliding" in str(t) for t in layer_types)
         if self.sliding:
             self.pack_tokens = 0
+        else:  # every block attends to its own path only: see pathattention
+            self.model.set_attn_implementation(pathattention.NAME)
+            config = self.model.config
+            heads = config.num_attention_heads
+            groups = heads // (getattr(config, "num_key_value_heads", None) or heads)
+            self._block_shape = (groups, self.model.dtype, device)
         # KV states of prompt prefixes kept across calls (see kvstore): off for sliding-window
         # models, whose walk lets the model build its own masks over every state.
         from icm_ray.backends.kvstore import PrefixKVStore
@@ -196,19 +203,26 @@ class TransformersScorer(Scorer):
             self._walk(root, cache, len(root.tokens))
         return self._results  # type: ignore[return-value]
 
-    def _forward(self, tokens: list[int], cache, mask=None, positions=None, keep=1):
-        count = len(tokens)
-        if positions is None:  # a plain continuation of the cache
-            depth = cache.get_seq_length()
-            self.contexts_run += count * depth + count * (count + 1) // 2
-        else:
-            self.contexts_run += int(positions.sum()) + count
-        ids = self.torch.tensor([tokens], dtype=self.torch.long, device=self.device)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, attention_mask=mask,
-                         position_ids=positions, logits_to_keep=keep)
+    def _forward(self, tokens: list[int], cache, positions: list[int], blocks, keep=1):
+        """Run `tokens` at `positions` on top of the cache; `blocks` (pathattention) say which
+        cached states each block of them attends to (None for sliding-window models: one
+        plain continuation, masks by the model)."""
+        self.contexts_run += sum(positions) + len(tokens)
+        torch = self.torch
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        extra = {} if blocks is None else {"icm_blocks": blocks, "position_ids": torch.tensor(
+            [positions], device=self.device)}
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep, **extra)
         self.tokens_run += len(tokens)
         self._pending += len(tokens)
         return out.logits[0]
+
+    def _alone(self, tokens: list[int], cache, keep=1):
+        """Run `tokens` as a plain continuation of everything in the cache."""
+        depth, count = cache.get_seq_length(), len(tokens)
+        blocks = None if self.sliding else [
+            pathattention.block(slice(0, count), [range(depth + count)], *self._block_shape)]
+        return self._forward(tokens, cache, list(range(depth, depth + count)), blocks, keep)
 
     def _run_or_load(self, node: _Node, cache, depth: int) -> None:
         """Put a segment's states on top of its path in the cache: from the store, or by running it."""
@@ -218,7 +232,7 @@ class TransformersScorer(Scorer):
         if node.stored is not None:
             cache.load(node.stored)
             return
-        self._forward(node.tokens, cache)
+        self._alone(node.tokens, cache)
         self._keep(node, cache, depth)
 
     def _keep(self, node: _Node, cache, start: int) -> None:
@@ -239,7 +253,7 @@ class TransformersScorer(Scorer):
         for kind, item in items:
             item_size = len(self._query_ids[item]) if kind == "query" else item.size
             if kind == "query" or item_size <= self.pack_tokens:
-                if group and size + item_size > self.pack_tokens:
+                if group and (size + item_size > self.pack_tokens or self.sliding):
                     self._packed(group, cache, depth)
                     group, size = [], 0
                 group.append((kind, item))
@@ -296,29 +310,23 @@ class TransformersScorer(Scorer):
         if max(positions) + 1 > self.max_tokens:
             raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
                             "context; use fewer examples per persona")
-        torch = self.torch
         for states in loads:
             cache.load(states)
         span, count = loaded[0], len(tokens)
+        torch = self.torch
         keep = torch.tensor([r[1] for r in readouts])
-        fresh = [b for b, block in enumerate(blocks) if not block[3]]
-        if len(fresh) == 1 and len(blocks[fresh[0]][2]) == len(loads):
-            # one plain continuation of everything in the cache: the model builds its own masks
-            logits = self._forward(tokens, cache, keep=keep)
+        if self.sliding:  # one query alone (see _walk)
+            logits = self._forward(tokens, cache, positions, None, keep)
         else:
-            mask = torch.zeros((count, depth + span + count), dtype=torch.bool)
-            mask[:, :depth] = True
-            for b in fresh:
-                start, length, ancestors, _ = blocks[b]
-                rows = slice(start, start + length)
-                for a in ancestors:
-                    a_start, a_length, _, a_loaded = blocks[a]
-                    column = depth + a_start if a_loaded else depth + span + a_start
-                    mask[rows, column: column + a_length] = True
-                mask[rows, depth + span + start: depth + span + start + length] = torch.ones(
-                    (length, length), dtype=torch.bool).tril()
-            logits = self._forward(tokens, cache, mask[None, None].to(self.device),
-                                   torch.tensor([positions], device=self.device), keep)
+            def columns(b: int) -> range:
+                start, length, _, is_loaded = blocks[b]
+                start += depth if is_loaded else depth + span
+                return range(start, start + length)
+
+            plan = [pathattention.block(slice(start, start + length), [range(depth)] + [
+                columns(a) for a in ancestors] + [columns(b)], *self._block_shape)
+                for b, (start, length, ancestors, is_loaded) in enumerate(blocks) if not is_loaded]
+            logits = self._forward(tokens, cache, positions, plan, keep)
         for node, b in fresh_nodes:
             self._keep(node, cache, depth + span + blocks[b][0])
         cache.crop(-(span + count))
