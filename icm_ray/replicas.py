@@ -26,9 +26,13 @@ MODEL_APP = "icm-model"
 class ModelReplica:
     def __init__(self, model: dict[str, Any], max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005):
-        from icm_ray.backends import load_scorer
+        from icm_ray.backends import CachingScorer, load_scorer
 
-        self.scorer = load_scorer(model)
+        # Results cached by request content on the replica too: a persona actor restarted after
+        # a crash replays the steps since its checkpoint and gets the very numbers it got
+        # before (a recomputation in another batch can round differently in bf16), and
+        # searches or tuning trials that ask the same question share one answer.
+        self.scorer = CachingScorer(load_scorer(model))
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.calls = 0

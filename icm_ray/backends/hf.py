@@ -6,9 +6,8 @@ its subtree; small subtrees (up to `pack_tokens`) are packed into a single forwa
 (each segment attending to its own path only, see pathattention.py). Every prompt token is
 run once per batch however many requests share it. Across calls, the KV states of every
 segment run are kept in an LRU store keyed by the segment's whole path (kvstore.py), so a
-later call loads a shared prefix instead of running it again. A segment's numbers depend on
-its path alone, so packing, batching and reuse give bit-identical scores in any dtype: a
-resumed run, or another replica with another store, decides exactly as an uninterrupted one.
+later call loads a shared prefix instead of running it again. Packing, batching and reuse
+change only rounding (see pathattention.py): about 1e-5 in fp32, about 0.1 nats in bf16.
 """
 
 from __future__ import annotations
@@ -106,6 +105,12 @@ class TransformersScorer(Scorer):
         from icm_ray.backends.kvstore import PrefixKVStore
 
         self.kv_store = PrefixKVStore(kv_cache_mb << 20) if kv_cache_mb > 0 and not self.sliding else None
+        # Scores read only the options' logits, in fp32 from the final hidden state: bf16 logits
+        # step by 1/16 nats and more at the magnitudes these models reach, and the full
+        # vocabulary projection (49k rows for SmolLM2) is wasted on two options.
+        head = self.model.get_output_embeddings()
+        self._head_weight, self._head_bias = head.weight, getattr(head, "bias", None)
+        self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "transformers", "model": self.source.name,
@@ -203,21 +208,34 @@ class TransformersScorer(Scorer):
             self._walk(root, cache, len(root.tokens))
         return self._results  # type: ignore[return-value]
 
-    def _forward(self, tokens: list[int], cache, positions: list[int], blocks, keep=1):
-        """Run `tokens` at `positions` on top of the cache; `blocks` (pathattention) say which
-        cached states each block of them attends to (None for sliding-window models: one
-        plain continuation, masks by the model)."""
+    def _forward(self, tokens: list[int], cache, positions: list[int], blocks, keep):
+        """Run `tokens` at `positions` on top of the cache and return the final hidden states
+        of the rows `keep`; `blocks` (pathattention) say which cached states each block of
+        them attends to (None for sliding-window models: one plain continuation, masks by
+        the model)."""
         self.contexts_run += sum(positions) + len(tokens)
         torch = self.torch
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         extra = {} if blocks is None else {"icm_blocks": blocks, "position_ids": torch.tensor(
             [positions], device=self.device)}
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep, **extra)
+        out = self.model.base_model(input_ids=ids, cache=cache, use_cache=True, **extra)
         self.tokens_run += len(tokens)
         self._pending += len(tokens)
-        return out.logits[0]
+        return out.last_hidden_state[0, keep]
 
-    def _alone(self, tokens: list[int], cache, keep=1):
+    def _option_logprobs(self, hidden, options: Sequence[str]) -> tuple[float, ...]:
+        """log-softmax over the options' first-token logits, computed in fp32 from one final
+        hidden state (an elementwise product and sum: the same bits whatever else is scored)."""
+        torch = self.torch
+        ids = self.option_ids(options)
+        logits = (self._head_weight[ids].float() * hidden.float()).sum(-1)
+        if self._head_bias is not None:
+            logits = logits + self._head_bias[ids].float()
+        if self._softcap:  # Gemma-style final logit soft-capping
+            logits = self._softcap * torch.tanh(logits / self._softcap)
+        return tuple(torch.log_softmax(logits, dim=-1).tolist())
+
+    def _alone(self, tokens: list[int], cache, keep=-1):
         """Run `tokens` as a plain continuation of everything in the cache."""
         depth, count = cache.get_seq_length(), len(tokens)
         blocks = None if self.sliding else [
@@ -316,7 +334,7 @@ class TransformersScorer(Scorer):
         torch = self.torch
         keep = torch.tensor([r[1] for r in readouts])
         if self.sliding:  # one query alone (see _walk)
-            logits = self._forward(tokens, cache, positions, None, keep)
+            hidden = self._forward(tokens, cache, positions, None, keep)
         else:
             def columns(b: int) -> range:
                 start, length, _, is_loaded = blocks[b]
@@ -326,7 +344,7 @@ class TransformersScorer(Scorer):
             plan = [pathattention.block(slice(start, start + length), [range(depth)] + [
                 columns(a) for a in ancestors] + [columns(b)], *self._block_shape)
                 for b, (start, length, ancestors, is_loaded) in enumerate(blocks) if not is_loaded]
-            logits = self._forward(tokens, cache, positions, plan, keep)
+            hidden = self._forward(tokens, cache, positions, plan, keep)
         for node, b in fresh_nodes:
             self._keep(node, cache, depth + span + blocks[b][0])
         cache.crop(-(span + count))
@@ -337,10 +355,8 @@ class TransformersScorer(Scorer):
             charged.update(mine)
             run = sum(blocks[b][1] for b in mine) + pending_outside
             pending_outside = 0
-            request = self._requests[index]
-            chosen = logits[row, self.option_ids(request.options)].float()
             self._results[index] = ScoreResult(
-                tuple(torch.log_softmax(chosen, dim=-1).tolist()),
+                self._option_logprobs(hidden[row], self._requests[index].options),
                 positions[readouts[row][1]] + 1, run)
         self._pending = 0
 
