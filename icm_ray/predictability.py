@@ -12,10 +12,10 @@ is a *base* plus a *tail*: the examples added or relabelled since the base was l
 rebuilt, in the order they changed (the search keeps the tail in its state).
 - Base: divide and conquer over a fixed binary tree of pool positions (each node halves
   its range of positions). For a node whose halves L and R both hold labelled examples,
-  every prompt for a member of R starts with L's demonstrations as one segment and vice
-  versa, recursively: about N log2 N demonstration tokens per evaluation instead of N^2,
-  and because the tree is fixed, a change to one example leaves every segment that does
-  not contain it as it was.
+  every prompt for a member of R continues with L's demonstrations and vice versa,
+  recursively: about N log2 N demonstration tokens per evaluation instead of N^2. Every
+  demonstration is its own segment, and the tree is fixed, so a change to one example
+  leaves each prompt as it was up to that example's demonstration.
 - Tail: its demonstrations follow, one segment each, in order, so adding an example or
   relabelling the newest ones changes only the ends of the prompts; a backend that keeps
   KV states across calls (transformers) then runs about one demonstration and one query
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from icm_ray.backends.base import Scorer, ScoreRequest
 from icm_ray.data import Example
-from icm_ray.prompts import PromptConfig, demonstrations_block, query_text
+from icm_ray.prompts import PromptConfig, demonstration_text, query_text
 
 
 @dataclass
@@ -63,11 +63,17 @@ class _Arrangement:
         in_tail = set(self.tail)
         self.base = sorted(p for p in labels if p not in in_tail)
         self.span = max(len(examples), (max(labels) + 1) if labels else 0)
-        self.tail_segments = tuple(self.block([p]) for p in self.tail)
+        self._shown: dict[int, str] = {}
+        self.tail_segments = self.demos(self.tail)
 
-    def block(self, positions: Sequence[int]) -> str:
-        return demonstrations_block(self.prompts, [self.examples[p] for p in positions],
-                                    [self.labels[p] for p in positions])
+    def demos(self, positions: Sequence[int]) -> tuple[str, ...]:
+        """One segment per demonstration, each rendered once."""
+        out = []
+        for p in positions:
+            if p not in self._shown:
+                self._shown[p] = demonstration_text(self.prompts, self.examples[p], self.labels[p])
+            out.append(self._shown[p])
+        return tuple(out)
 
     def request(self, segments: tuple[str, ...], position: int) -> ScoreRequest:
         return ScoreRequest(segments, query_text(self.prompts, self.examples[position]),
@@ -87,22 +93,16 @@ class _Arrangement:
             if not left or not right:  # only one half holds members: no segment at this node
                 recurse(*((middle, hi) if not left else (lo, middle)), members, prefix)
                 return
-            recurse(lo, middle, left, prefix + (self.block(right),))
-            recurse(middle, hi, right, prefix + (self.block(left),))
+            recurse(lo, middle, left, prefix + self.demos(right))
+            recurse(middle, hi, right, prefix + self.demos(left))
 
         recurse(0, self.span, self.base, (self.header,))
         return out
 
     def whole_base(self) -> tuple[str, ...]:
-        """All base demonstrations: the top split's left segment (the prefix of its right
-        half's prompts) followed by its right segment."""
-        lo, hi, members = 0, self.span, self.base
-        while len(members) > 1:
-            middle, cut = _halve(lo, hi, members)
-            if 0 < cut < len(members):
-                return (self.block(members[:cut]), self.block(members[cut:]))
-            lo, hi = (middle, hi) if cut == 0 else (lo, middle)
-        return (self.block(members),) if members else ()
+        """All base demonstrations: the top split's left half (the start of its right half's
+        prompts) followed by its right half."""
+        return self.demos(self.base)
 
     def context(self, leave_out: int | None = None) -> tuple[str, ...]:
         """Every labelled example except `leave_out`: the prompt of a tail member or a newcomer."""

@@ -203,9 +203,8 @@ class TransformersScorer(Scorer):
         self._pending = 0
         with self.torch.inference_mode():
             cache = DynamicCache() if self.sliding else BufferCache(self.model.config)
-            if root.tokens:
-                self._run_or_load(root, cache, 0)
-            self._walk(root, cache, len(root.tokens))
+            last, depth = self._extend(root, cache, 0)
+            self._walk(last, cache, depth)
         return self._results  # type: ignore[return-value]
 
     def _forward(self, tokens: list[int], cache, positions: list[int], blocks, keep):
@@ -242,16 +241,46 @@ class TransformersScorer(Scorer):
             pathattention.block(slice(0, count), [range(depth + count)], *self._block_shape)]
         return self._forward(tokens, cache, list(range(depth, depth + count)), blocks, keep)
 
-    def _run_or_load(self, node: _Node, cache, depth: int) -> None:
-        """Put a segment's states on top of its path in the cache: from the store, or by running it."""
-        if depth + len(node.tokens) > self.max_tokens:
-            raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
-                            "context; use fewer or shorter examples per persona")
-        if node.stored is not None:
-            cache.load(node.stored)
-            return
-        self._alone(node.tokens, cache)
-        self._keep(node, cache, depth)
+    def _extend(self, node: _Node, cache, depth: int) -> tuple[_Node, int]:
+        """Put on the cache the states of `node` and of the chain of only children below it
+        that are too big to pack (prompts share one demonstration after another until they
+        branch): stored segments are loaded, each run of the others goes in one pass.
+        Returns the chain's last node and the cache's new depth."""
+        chain = [node]
+        while not chain[-1].queries and len(chain[-1].children) == 1:
+            child = next(iter(chain[-1].children.values()))
+            if child.size <= self.pack_tokens:
+                break
+            chain.append(child)
+        loads: list[Any] = []
+        fresh: list[_Node] = []
+
+        def flush(start: int) -> None:
+            if loads:
+                cache.load(loads)
+                loads.clear()
+            if fresh:
+                self._alone([t for n in fresh for t in n.tokens], cache)
+                for n in fresh:
+                    self._keep(n, cache, start)
+                    start += len(n.tokens)
+                fresh.clear()
+
+        start = depth  # where the pending (not yet flushed) segments begin
+        for n in chain:
+            if depth + len(n.tokens) > self.max_tokens:
+                raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
+                                "context; use fewer or shorter examples per persona")
+            if n.stored is not None and fresh or n.stored is None and loads:
+                flush(start)
+                start = depth
+            if n.stored is not None:
+                loads.append(n.stored)
+            elif n.tokens:
+                fresh.append(n)
+            depth += len(n.tokens)
+        flush(start)
+        return chain[-1], depth
 
     def _keep(self, node: _Node, cache, start: int) -> None:
         if self.kv_store is not None:
@@ -260,9 +289,9 @@ class TransformersScorer(Scorer):
     def _walk(self, node: _Node, cache, depth: int) -> None:
         """Score everything below `node`, whose path (depth tokens) is in the cache.
 
-        Small subtrees (and the queries at this node) are packed into one forward pass with a
-        tree attention mask; a subtree too big to pack puts its segment in the cache alone
-        (loaded from the store or run) and recurses.
+        Small subtrees (and the queries at this node) are packed into one forward pass, each
+        segment attending to its own path; a subtree too big to pack puts its segment (and
+        the chain of only children below it) in the cache and recurses.
         """
         group: list[Any] = []
         size = 0
@@ -277,9 +306,10 @@ class TransformersScorer(Scorer):
                 group.append((kind, item))
                 size += item_size
                 continue
-            self._run_or_load(item, cache, depth)
-            self._walk(item, cache, depth + len(item.tokens))
-            cache.crop(-len(item.tokens))
+            last, below = self._extend(item, cache, depth)
+            self._walk(last, cache, below)
+            if below > depth:  # (a crop of 0 would empty a DynamicCache)
+                cache.crop(depth - below)
         if group:
             self._packed(group, cache, depth)
 
@@ -292,44 +322,54 @@ class TransformersScorer(Scorer):
         """
         tokens: list[int] = []
         positions: list[int] = []
-        blocks: list[tuple[int, int, list[int], bool]] = []  # start, length, ancestors, loaded
+        blocks: list[list[Any]] = []  # [start, length, ancestor blocks, loaded]
         loads: list[Any] = []
         loaded = [0]  # tokens loaded so far
         readouts: list[tuple[int, int, int]] = []  # request, last token index, block id
-        fresh_nodes: list[tuple[_Node, int]] = []  # segments run here: kept in the store
+        fresh_nodes: list[tuple[_Node, int]] = []  # segments run here (and where): kept in the store
 
-        def place(ids: list[int], position: int, ancestors: list[int], states=None) -> int:
+        def place(ids: list[int], position: int, ancestors: list[int], states=None,
+                  into: int | None = None) -> int:
+            """Lay `ids` as a new block, or at the end of block `into` (an only child of the
+            same kind continues its parent's block: one attention call, one load)."""
+            if into is None:
+                blocks.append([loaded[0] if states is not None else len(tokens), 0, ancestors,
+                               states is not None])
+                into = len(blocks) - 1
+            blocks[into][1] += len(ids)
             if states is not None:
-                blocks.append((loaded[0], len(ids), ancestors, True))
                 loads.append(states)
                 loaded[0] += len(ids)
             else:
-                blocks.append((len(tokens), len(ids), ancestors, False))
                 tokens.extend(ids)
                 positions.extend(range(position, position + len(ids)))
-            return len(blocks) - 1
+            return into
 
-        def lay(kind: str, item: Any, position: int, ancestors: list[int]) -> None:
+        def lay(kind: str, item: Any, position: int, ancestors: list[int],
+                into: int | None = None) -> None:
             if kind == "query":
                 block = place(self._query_ids[item], position, ancestors)
                 readouts.append((item, len(tokens) - 1, block))
                 return
-            block = place(item.tokens, position, ancestors, item.stored)
             if item.stored is None:
-                fresh_nodes.append((item, block))
+                fresh_nodes.append((item, len(tokens)))
+            block = place(item.tokens, position, ancestors, item.stored, into)
             below = position + len(item.tokens)
             for index in item.queries:
                 lay("query", index, below, ancestors + [block])
+            only = len(item.children) == 1 and not item.queries
             for child in item.children.values():
-                lay("node", child, below, ancestors + [block])
+                if only and (child.stored is None) == (item.stored is None):
+                    lay("node", child, below, ancestors, block)
+                else:
+                    lay("node", child, below, ancestors + [block])
 
         for kind, item in items:
             lay(kind, item, depth, [])
         if max(positions) + 1 > self.max_tokens:
             raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
                             "context; use fewer examples per persona")
-        for states in loads:
-            cache.load(states)
+        cache.load(loads)
         span, count = loaded[0], len(tokens)
         torch = self.torch
         keep = torch.tensor([r[1] for r in readouts])
@@ -345,8 +385,8 @@ class TransformersScorer(Scorer):
                 columns(a) for a in ancestors] + [columns(b)], *self._block_shape)
                 for b, (start, length, ancestors, is_loaded) in enumerate(blocks) if not is_loaded]
             hidden = self._forward(tokens, cache, positions, plan, keep)
-        for node, b in fresh_nodes:
-            self._keep(node, cache, depth + span + blocks[b][0])
+        for node, offset in fresh_nodes:
+            self._keep(node, cache, depth + span + offset)
         cache.crop(-(span + count))
         charged: set[int] = set()
         pending_outside = self._pending - count  # tokens run before this pack, not yet charged

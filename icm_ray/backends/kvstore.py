@@ -115,9 +115,13 @@ class BufferCache(DynamicCache):
         super().__init__(config=config)
         self.layers = [BufferLayer() for _ in self.layers]
 
-    def load(self, states: torch.Tensor) -> None:
+    def load(self, states: list[torch.Tensor]) -> None:
+        """Append the stored states of consecutive segments, in order (one copy per layer)."""
+        if not states:
+            return
+        joined = states[0] if len(states) == 1 else torch.cat(states, dim=4)
         for index, layer in enumerate(self.layers):
-            layer.update(states[index, 0], states[index, 1])
+            layer.update(joined[index, 0], joined[index, 1])
 
     def export(self, start: int, end: int) -> torch.Tensor:
         """States of positions [start, end) as a new tensor (safe to keep after crops)."""
