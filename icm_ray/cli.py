@@ -137,6 +137,11 @@ def run(
         store.check_writable()
         save_inputs(store, run_config, dataset, personas, human)
     jobs = plan_jobs(dataset, personas, human)
+    if resume is not None:  # a damaged checkpoint fails now, in one line, before the model loads
+        from icm_ray.engine import load_checkpoint
+
+        for job in jobs:
+            load_checkpoint(store, job.persona.name, len(job.examples))
     console.print(f"run {out}: {len(jobs)} personas, {len(dataset.examples)} examples, "
                   f"model {run_config.model.name}, {run_config.search.iterations} iterations")
 
@@ -349,8 +354,13 @@ def serve_command(
 
     run_config = load_config(config, {"model": {"name": model}})
     check_model(run_config.model.model_dump())
-    for uri in results or []:
-        load_run(uri)  # a bad run fails here, in one line, before anything starts
+    served: dict[str, str] = {}
+    for uri in results or []:  # a bad run fails here, in one line, before anything starts
+        for name in load_run(uri):
+            if name in served:
+                raise UserError(f"persona '{name}' is in both {served[name]} and {uri}; "
+                                "serve one of them (or rename it)")
+            served[name] = uri
     _check_listen(host, port)
     started = ensure_ray(address)
     from ray import serve
@@ -573,7 +583,8 @@ def audit_command(
     dataset, personas = _dataset(data, data_format, personas_file, persona)
     # Blank labels are skipped, so a run's labels.parquet (null = never reached) audits as it is.
     labels, _ = load_labels(labels_file, [e.id for e in dataset.examples],
-                            "the data" + (" of the selected personas" if persona else ""), allow_blank=True)
+                            "the data" + (" of the selected personas" if persona else ""), allow_blank=True,
+                            personas=dataset.personas() if persona else None)
     check_model(run_config.model.model_dump())
     scorer = load_scorer(run_config.model.model_dump())
     rows = []

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from icm_ray.backends.base import CachingScorer, Scorer
 from icm_ray.config import RunConfig
 from icm_ray.data import Dataset, Example, Persona
+from icm_ray.errors import UserError
 from icm_ray.search import ICMSearch, SearchState
 
 ProgressFn = Callable[[str, dict], None]
@@ -73,7 +74,6 @@ def load_inputs(store) -> tuple[RunConfig, Dataset, dict[str, Persona]]:
     from pydantic import ValidationError
 
     from icm_ray.config import describe_validation_error
-    from icm_ray.errors import UserError
 
     raw = store.read_json("inputs.json")
     try:
@@ -93,6 +93,23 @@ def progress_of(state: SearchState, total: int) -> dict:
             "finished": state.finished}
 
 
+def load_checkpoint(store, persona: str, examples: int) -> SearchState | None:
+    """A persona's last checkpoint, or None; a damaged one is a one-line error naming the file."""
+    name = checkpoint_name(persona)
+    if not store.exists(name):
+        return None
+    try:
+        state = SearchState.from_dict(store.read_json(name))
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as err:
+        raise UserError(f"{store.uri}/{name}: not a search checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    for key in ("labels", "seeded", "clamped"):
+        if len(getattr(state, key)) != examples:
+            raise UserError(f"{store.uri}/{name}: field '{key}' has {len(getattr(state, key))} "
+                            f"entries for {examples} examples; the checkpoint does not match the run")
+    return state
+
+
 def drive(search: ICMSearch, store, persona: str, every: int,
           on_step: Callable[[SearchState], None] | None = None) -> SearchState:
     """Run one search to the end from its last checkpoint, checkpointing every few steps.
@@ -100,7 +117,7 @@ def drive(search: ICMSearch, store, persona: str, every: int,
     Shared by the persona actors and the in-process path, so both resume the same way.
     """
     name = checkpoint_name(persona)
-    state = SearchState.from_dict(store.read_json(name)) if store.exists(name) else None
+    state = load_checkpoint(store, persona, len(search.examples))
     if state is None:
         state = search.start()
         store.write_json(name, state.to_dict())
@@ -231,14 +248,12 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
         finished: dict[str, tuple[list[Example], SearchState]] = {}
         pending_jobs = []
         for job in jobs:  # personas finished before an interruption are not recomputed
-            name = checkpoint_name(job.persona.name)
-            if store.exists(name):
-                state = SearchState.from_dict(store.read_json(name))
-                if state.finished:
-                    finished[job.persona.name] = (job.examples, state)
-                    if on_progress:
-                        on_progress(job.persona.name, progress_of(state, config.search.iterations))
-                    continue
+            state = load_checkpoint(store, job.persona.name, len(job.examples))
+            if state is not None and state.finished:
+                finished[job.persona.name] = (job.examples, state)
+                if on_progress:
+                    on_progress(job.persona.name, progress_of(state, config.search.iterations))
+                continue
             pending_jobs.append(job)
         own_model = handle is None
         if own_model:
@@ -263,8 +278,6 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
                 try:
                     state = SearchState.from_dict(ray.get(ref))
                 except ray.exceptions.RayTaskError as err:  # show users the cause, not Ray's wrapper
-                    from icm_ray.errors import UserError
-
                     if isinstance(err.cause, UserError):
                         raise UserError(f"persona '{name}': {err.cause}") from None
                     raise

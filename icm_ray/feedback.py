@@ -22,10 +22,11 @@ from icm_ray.prompts import header_text, query_text
 COLUMNS = ("id", "persona", "text", "model_label", "margin", "label")
 
 
-def margins(run: str, persona: str, scorer_for=None) -> list[dict[str, Any]]:
+def margins(run: str, persona: str, scorer_for=None, need: int = 0) -> list[dict[str, Any]]:
     """Every unclamped example of `persona` in the run with its margin, least certain first.
 
     `scorer_for(model_config) -> Scorer` builds a scorer only if unlabelled examples need one.
+    Fewer than `need` unclamped examples is an error, found before any model is loaded.
     """
     from icm_ray.backends import load_scorer
     from icm_ray.engine import load_inputs
@@ -41,6 +42,10 @@ def margins(run: str, persona: str, scorer_for=None) -> list[dict[str, Any]]:
     rows = {r["id"]: r for r in store.read_parquet("labels.parquet") if r["persona"] == persona}
     labelled = {p: rows[e.id]["label"] for p, e in enumerate(examples) if rows[e.id]["label"] is not None}
     odds = {e.id: rows[e.id]["log_odds"] for e in examples if rows[e.id]["log_odds"] is not None}
+    pool = sum(1 for e in examples if not rows[e.id]["clamped"])
+    if need > pool:
+        raise UserError(f"-n {need} is larger than the pool: persona '{persona}' has {pool} "
+                        "examples without a human label")
     unlabelled = [e for e in examples if e.id not in odds]
     if unlabelled:
         scorer: Scorer = (scorer_for or load_scorer)(config.model.model_dump())
@@ -66,11 +71,7 @@ def margins(run: str, persona: str, scorer_for=None) -> list[dict[str, Any]]:
 def suggest(run: str, persona: str, n: int, scorer_for=None) -> list[dict[str, Any]]:
     if n < 1:
         raise UserError("-n must be at least 1")
-    candidates = margins(run, persona, scorer_for)
-    if n > len(candidates):
-        raise UserError(f"-n {n} is larger than the pool: persona '{persona}' has {len(candidates)} "
-                        "examples without a human label")
-    return candidates[:n]
+    return margins(run, persona, scorer_for, need=n)[:n]
 
 
 def render(rows: list[dict[str, Any]], name: str) -> bytes:

@@ -47,19 +47,25 @@ def _mapping_or_rows(path: Path, column: str):
 
 
 def load_labels(path: str | Path, known: Iterable[str], what: str = "the data",
-                allow_blank: bool = False, column: str = "label") -> tuple[dict[str, bool], list[str]]:
+                allow_blank: bool = False, column: str = "label",
+                personas: Iterable[str] | None = None) -> tuple[dict[str, bool], list[str]]:
     """(labels by id, ids whose label was left blank). Blank labels are an error unless
-    `allow_blank` (a feedback file where some questions were not answered)."""
+    `allow_blank` (a feedback file where some questions were not answered). With `personas`,
+    rows whose `persona` column names another persona are skipped (one persona of a run)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such {column} file")
     known = set(known)
+    selected = None if personas is None else set(personas)
     labels: dict[str, bool] = {}
     blank: list[str] = []
     seen: set[str] = set()
     try:
         for number, row in _rows(path, column):
             where = f"{path}:{number}"
+            if selected is not None and row.get("persona") is not None \
+                    and str(row["persona"]) not in selected:
+                continue
             example_id = _scalar(row.get("id"), where, "id", required=True).strip()
             if example_id not in known:
                 raise UserError(f"{where}: field 'id': '{example_id}' is not in {what}")

@@ -17,6 +17,7 @@ from typing import Any
 from ray import serve
 
 from icm_ray.backends.base import Scorer, ScoreRequest, ScoreResult
+from icm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 MODEL_APP = "icm-model"
@@ -38,19 +39,30 @@ class ModelReplica:
         self.calls = 0
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def score_batch(self, calls: list[list[ScoreRequest]]) -> list[list[ScoreResult]]:
+    async def score_batch(self, calls: list[list[ScoreRequest]]) -> list[list[ScoreResult] | UserError]:
         flat = [request for call in calls for request in call]
         self.calls += len(calls)
-        # In a thread: the event loop keeps collecting the next batch meanwhile.
-        results = await asyncio.to_thread(self.scorer.score, flat)
+        try:  # in a thread: the event loop keeps collecting the next batch meanwhile
+            results = await asyncio.to_thread(self.scorer.score, flat)
+        except UserError:  # one call's input (a prompt over the context) must not fail the others
+            return [await self._score_alone(call) for call in calls]
         out, start = [], 0
         for call in calls:
             out.append(results[start:start + len(call)])
             start += len(call)
         return out
 
+    async def _score_alone(self, call: list[ScoreRequest]) -> list[ScoreResult] | UserError:
+        try:
+            return await asyncio.to_thread(self.scorer.score, call)
+        except UserError as err:
+            return err
+
     async def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        return await self.score_batch(requests)
+        result = await self.score_batch(requests)
+        if isinstance(result, UserError):
+            raise result
+        return result
 
     def identity(self) -> dict[str, Any]:
         return self.scorer.identity()
@@ -96,6 +108,9 @@ class ServeScorer(Scorer):
             try:
                 return self.handle.score.remote(list(requests)).result()
             except Exception as err:  # replica died or is restarting: Serve will replace it
+                cause = getattr(err, "cause", err)
+                if isinstance(cause, UserError):  # the input itself: retrying cannot help
+                    raise UserError(str(cause)) from None
                 if time.monotonic() > deadline:
                     raise
                 log.warning("scoring failed (%s); retrying in %.1fs", type(err).__name__, delay)

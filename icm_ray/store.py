@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 from icm_ray.errors import UserError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# What a run writes (README "Outputs"): all that --overwrite removes.
+RUN_ENTRIES = ("summary.json", "labels.parquet", "trace.parquet", "config.json", "inputs.json",
+               "steering_examples", "checkpoints")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -131,7 +134,8 @@ class RunStore(Store):
         return not (self.root.is_dir() and any(self.root.iterdir()))
 
     def clear(self) -> None:
-        """Remove a previous run (for --overwrite); refuses a directory that is not a run."""
+        """Remove a previous run's own files (for --overwrite), nothing else; refuses a
+        directory that is not a run."""
         import shutil
 
         if not self.root.is_dir():
@@ -140,7 +144,14 @@ class RunStore(Store):
             raise UserError(f"{self.root}: not an icm-ray run directory (no inputs.json); "
                             "refusing to delete it, choose another --out")
         try:
-            shutil.rmtree(self.root)
+            for name in RUN_ENTRIES:
+                path = self.root / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+            if not any(self.root.iterdir()):
+                self.root.rmdir()
         except OSError as err:
             raise UserError(f"{self.root}: cannot remove the previous run ({err.strerror})") from None
 
@@ -264,7 +275,8 @@ class S3Store(Store):
     def clear(self) -> None:
         if not (self.exists("inputs.json") or self.exists("summary.json")):
             raise UserError(f"{self.uri}: not an icm-ray run (no inputs.json); refusing to delete it")
-        keys = self._keys()
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        keys = [k for k in self._keys() if k[len(prefix):].split("/", 1)[0] in RUN_ENTRIES]
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start:start + 1000]]
             self._call(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": chunk})

@@ -9,6 +9,7 @@ on every endpoint except /healthz.
 """
 
 
+import hmac
 import math
 import os
 import threading
@@ -48,7 +49,9 @@ async def guard(request: Request, call_next):
     """API key (when configured) and a cap on body size, before any handler runs."""
     key = os.environ.get(API_KEY_ENV)
     path = request.url.path[len(request.scope.get("root_path", "")):]  # under any route prefix
-    if key and path != "/healthz" and request.headers.get("authorization", "") != f"Bearer {key}":
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if key and path != "/healthz" and not (scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), key.encode())):
         return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer ...)"},
                             status_code=401)
     too_large = JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
@@ -96,7 +99,7 @@ class ClassifyRequest(Strict):
     examples: list[Item] | None = Field(None, min_length=1, max_length=MAX_STATEMENTS,
                                         description="instead of statements: claims, comparisons or "
                                         "responses in the data files' fields")
-    k: int = Field(8, ge=0, le=MAX_K, description="steering examples used as demonstrations")
+    k: int = Field(8, ge=0, le=MAX_K, strict=True, description="steering examples used as demonstrations")
 
 
 class CompletionRequest(BaseModel):
@@ -106,17 +109,17 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int = Field(16, ge=1, le=256)
+    max_tokens: int = Field(16, ge=1, le=256, strict=True)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    logprobs: int | None = Field(None, ge=0, le=20)  # 20 as vLLM: label scoring reads top-k
-    n: int = Field(1, ge=1, le=1)
+    logprobs: int | None = Field(None, ge=0, le=20, strict=True)  # 20 as vLLM: label scoring reads top-k
+    n: int = Field(1, ge=1, le=1, strict=True)
     stream: Literal[False] = False
     stop: (Annotated[str, Field(max_length=MAX_STOP)]
            | Annotated[list[Annotated[str, Field(max_length=MAX_STOP)]], Field(max_length=4)]  # as OpenAI
            | None) = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
     persona: str | None = Field(None, max_length=200)
-    k: int = Field(8, ge=0, le=MAX_K)
+    k: int = Field(8, ge=0, le=MAX_K, strict=True)
 
 
 class SearchExample(Item):
@@ -130,8 +133,20 @@ class SearchRequest(Strict):
     description: str | None = Field(None, max_length=1000)
     examples: list[SearchExample] | None = Field(None, min_length=1, max_length=MAX_SEARCH_EXAMPLES)
     data_path: str | None = Field(None, max_length=1000, description="a dataset path on the server")
-    iterations: int = Field(16, ge=0, le=512)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    iterations: int = Field(16, ge=0, le=512, strict=True)
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
+
+
+async def _model_call(response):
+    """Await a call to the model replicas; an error caused by the input (a prompt longer than
+    the model's context) is a 422 naming it, not a 500."""
+    try:
+        return await response
+    except Exception as err:
+        cause = getattr(err, "cause", err)
+        if isinstance(cause, UserError):
+            raise HTTPException(422, detail=str(cause)) from None
+        raise
 
 
 def _exactly_one(body: BaseModel, first: str, second: str) -> None:
@@ -216,7 +231,7 @@ class SteeringAPI:
         chosen = select(entry.examples, body.k, balance=True)
         prefix = (entry.header, "".join(e.demonstration for e in chosen))
         requests = [ScoreRequest(prefix, query_text(prompts, item), prompts.options) for item in items]
-        results = await self.model.score.remote(requests)
+        results = await _model_call(self.model.score.remote(requests))
         out = []
         for index, result in enumerate(results):
             p_true = math.exp(result.logprobs[0])
@@ -244,14 +259,8 @@ class SteeringAPI:
                 prefix = prompt_block(entry.header, select(entry.examples, body.k, balance=True))
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for index, prompt in enumerate(prompts):
-            try:
-                result = await self.model.generate.remote(prefix + prompt, body.max_tokens,
-                                                          body.temperature, body.logprobs, body.seed)
-            except Exception as err:
-                cause = getattr(err, "cause", err)
-                if isinstance(cause, UserError):
-                    raise HTTPException(422, detail=str(cause)) from None
-                raise
+            result = await _model_call(self.model.generate.remote(
+                prefix + prompt, body.max_tokens, body.temperature, body.logprobs, body.seed))
             text, finish = result["text"], result["finish_reason"]
             stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
             for stop in stops:
@@ -275,6 +284,9 @@ class SteeringAPI:
         from icm_ray.engine import plan_jobs, save_inputs
 
         _exactly_one(body, "examples", "data_path")
+        if body.persona in self.personas:  # its results would silently replace the served ones
+            raise HTTPException(409, detail=f"persona '{body.persona}' is already served; "
+                                "give this search another name")
         if body.examples is not None:
             dataset = _examples(body.examples, "examples", body.persona)
         else:

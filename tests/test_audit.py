@@ -69,3 +69,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, content, args, 
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_one_persona_of_a_multi_persona_label_file(tmp_path):
+    """`audit RUN/labels.parquet --persona p` reads only p's rows (the file has every persona's)."""
+    from icm_ray.errors import UserError
+    from icm_ray.labelfile import load_labels
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"id": "a1", "persona": "a", "label": true}\n'
+                    '{"id": "b1", "persona": "b", "label": false}\n')
+    assert load_labels(path, ["a1"], personas=["a"]) == ({"a1": True}, [])
+    with pytest.raises(UserError, match="'b1' is not in the data"):
+        load_labels(path, ["a1"])

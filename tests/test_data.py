@@ -219,6 +219,51 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, monkeyp
     assert (mine / "precious.txt").read_text() == "keep"
 
 
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
+    """--overwrite replaces a run, not the user's files beside it (here: the data being read);
+    a run directory left empty is removed with it."""
+    from icm_ray.config import RunConfig
+    from icm_ray.engine import save_inputs
+    from icm_ray.store import RunStore
+
+    def make_run(folder, data):
+        save_inputs(RunStore(folder), RunConfig(), load_datasets([data]), {"p": Persona("p", "likes tests")})
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "p.json").write_text("{}")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = write_native(run / "mine.jsonl", [GOOD])
+    make_run(run, data)
+    (run / "notes.txt").write_text("keep")
+    RunStore(run).clear()
+    assert sorted(p.name for p in run.iterdir()) == ["mine.jsonl", "notes.txt"]
+    other = tmp_path / "other"
+    make_run(other, data)
+    RunStore(other).clear()
+    assert not other.exists()
+
+
+def test_resume_from_a_checkpoint_that_does_not_match_the_run_is_one_line(tmp_path, monkeypatch, capsys):
+    from icm_ray.config import RunConfig
+    from icm_ray.engine import checkpoint_name, save_inputs
+    from icm_ray.store import RunStore
+
+    run = tmp_path / "run"
+    dataset = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "y"}])])
+    save_inputs(RunStore(run), RunConfig(), dataset, {"p": Persona("p", "likes tests")})
+    checkpoint = run / checkpoint_name("p")
+    checkpoint.parent.mkdir()
+    state = {"labels": [True], "seeded": [True], "clamped": [False], "rng": {}, "logprobs": {}}
+    checkpoint.write_text(json.dumps(state))
+    code, err = _run_cli(monkeypatch, capsys, "--resume", str(run))
+    assert code == 2 and err.count("\n") == 0, err
+    assert "field 'labels' has 1 entries for 2 examples" in err and str(checkpoint.name) in err
+    checkpoint.write_text(json.dumps({"labels": []}))
+    code, err = _run_cli(monkeypatch, capsys, "--resume", str(run))
+    assert code == 2 and err.count("\n") == 0 and "not a search checkpoint" in err, err
+
+
 @pytest.mark.parametrize("setup, args, message", [
     ("file", ["--out", "{tmp}/afile"], "exists and is not a directory"),
     ("", ["--out", "/proc/no/such"], "cannot write there"),

@@ -91,3 +91,24 @@ def test_bad_input_is_one_line_and_exit_code_2(run, tmp_path, capsys, args, mess
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("feedback-*"))
+
+
+def test_a_budget_larger_than_the_pool_fails_before_any_model_is_loaded(run):
+    from icm_ray.errors import UserError
+    from icm_ray.feedback import suggest
+
+    def no_model(_config):
+        raise AssertionError("the model was loaded before -n was checked")
+
+    with pytest.raises(UserError, match="-n 13 is larger than the pool"):
+        suggest(str(run), PERSONA, 13, scorer_for=no_model)
+
+
+def test_serve_refuses_two_runs_with_the_same_persona(run, tmp_path, capsys):
+    """(in this file for its finished run) a persona from two runs would be served from one of
+    them without a word: refused in one line, before anything starts."""
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    assert cli("serve", "--results", run, "--results", twin, "--port", 1) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"persona '{PERSONA}' is in both" in err and "\n" not in err

@@ -80,6 +80,39 @@ def test_killed_actor_restarts_from_checkpoint_with_identical_labels(ray_cluster
     assert crashed == straight
 
 
+def test_serve_scorer_retries_a_lost_replica_but_not_an_error_in_the_input():
+    from icm_ray.errors import UserError
+    from icm_ray.replicas import ServeScorer
+
+    class Wrapped(Exception):  # what a handle raises: Ray's wrapper, the cause inside
+        def __init__(self, cause):
+            super().__init__(str(cause))
+            self.cause = cause
+
+    class Handle:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+            self.score = self
+
+        def remote(self, requests):
+            self.calls += 1
+            error = self.errors.pop(0) if self.errors else None
+
+            class Response:
+                def result(self):
+                    if error is not None:
+                        raise error
+                    return ["scored"]
+            return Response()
+
+    too_long = Handle([Wrapped(UserError("prompt of over 8192 tokens exceeds the model's context"))] * 3)
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        ServeScorer(too_long, retry_seconds=60).score([])
+    assert too_long.calls == 1
+    lost = Handle([Wrapped(RuntimeError("replica died"))])
+    assert ServeScorer(lost, retry_seconds=60).score([]) == ["scored"] and lost.calls == 2
+
+
 @pytest.mark.slow
 def test_replica_killed_mid_run_searches_still_complete(ray_cluster, tmp_path):
     import ray

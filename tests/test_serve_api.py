@@ -120,10 +120,17 @@ def test_personas_and_examples(api):
     ("post", "/v1/personas/{p}/classify", {"examples": [{"prompt": "q", "response_b": "x"}]}, 422,
      "response_a"),
     ("get", "/v1/searches/none", None, 404, None),
+    ("post", "/v1/personas/{p}/classify", {"statements": ["x"], "k": True}, 422, "k"),
+    ("post", "/v1/personas/{p}/classify", {"statements": ["x"], "k": "8"}, 422, "k"),
+    ("post", "/v1/completions", {"prompt": "hi", "max_tokens": "3"}, 422, "max_tokens"),
+    ("post", "/v1/searches", {"persona": "{p}", "examples": [{"id": "a", "claim": "x"}]}, 409,
+     "already served"),
 ])
 def test_error_paths_are_4xx_with_a_json_body(api, method, path, payload, status, field):
     client, personas = api
     path = path.replace("{p}", personas[0])
+    if isinstance(payload, dict) and payload.get("persona") == "{p}":
+        payload = {**payload, "persona": personas[0]}
     if isinstance(payload, str):
         response = client.post(path, content=payload, headers={"content-type": "application/json"})
     else:
@@ -146,6 +153,26 @@ def test_body_too_large(api):
     response = client.post(f"/v1/personas/{personas[0]}/classify", content=iter([small[:10], small[10:]]),
                            headers={"content-type": "application/json"})
     assert response.status_code == 200, response.text  # a chunked body within the limit still arrives
+
+
+def test_a_prompt_longer_than_the_context_is_a_422_and_spares_its_batch(api):
+    """The model replica batches calls from every client: one over-long input fails alone."""
+    client, personas = api
+    base = str(client.base_url)
+    too_long = {"statements": ["\U0001F600" * 3990], "k": 1}  # ~3 tokens a character: > 8192
+    fine = {"statements": ["I like trees."], "k": 1}
+
+    def call(body):
+        with httpx.Client(base_url=base, timeout=300) as c:
+            return c.post(f"/v1/personas/{personas[0]}/classify", json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(call, [too_long, fine] * 4))
+    for body, response in zip([too_long, fine] * 4, responses):
+        if body is too_long:
+            assert response.status_code == 422 and "context" in response.json()["detail"]
+        else:
+            assert response.status_code == 200, response.text
 
 
 def test_classify_with_steering_examples(api):
@@ -285,8 +312,11 @@ def test_api_key_required_when_set(ray_cluster, finished_run):
             assert client.get("/healthz").status_code == 200
             assert client.get("/v1/personas").status_code == 401
             assert client.get("/v1/personas", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert client.get("/v1/personas", headers={"Authorization": "s3cret"}).status_code == 401
             ok = client.get("/v1/personas", headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200 and ok.json()["personas"]
+            lower = client.get("/v1/personas", headers={"Authorization": "bearer s3cret"})
+            assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
     finally:
         serve.delete("icm-api-key")
 
