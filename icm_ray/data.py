@@ -143,7 +143,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg} column {err.colno})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             yield number, row
@@ -245,7 +245,7 @@ def _icm_reference(path: Path) -> Iterator[tuple[str, Example, bool | None]]:
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} column {err.colno})") from None
     if not isinstance(items, list):
         raise UserError(f"{path}: expected a JSON list of examples (reference ICM format)")
     for index, row in enumerate(items):
@@ -344,12 +344,20 @@ def dataset_from_rows(rows: list[dict], name: str, persona: str) -> Dataset:
 
 def load_datasets(paths: list[str | Path], fmt: str = "auto", persona: str | None = None) -> Dataset:
     merged = Dataset([])
+    files: dict[Path, Path] = {}
     for path in expand_paths(paths):
+        if Path(path).resolve() in files:
+            raise UserError(f"{path}: given twice (also as {files[Path(path).resolve()]})")
+        files[Path(path).resolve()] = Path(path)
         part = load_file(path, fmt, persona)
         for example in part.examples:
             if example.id in merged.source:
+                first = merged.source[example.id]
+                hint = ("; two files of the same name: ids made from the file name (Anthropic "
+                        "format) clash, rename one" if Path(first.rsplit(":", 1)[0]).name
+                        == Path(path).name else "")
                 raise UserError(f"{part.source[example.id]}: field 'id': duplicate id "
-                                f"'{example.id}' (first at {merged.source[example.id]})")
+                                f"'{example.id}' (first at {first}){hint}")
         merged.examples.extend(part.examples)
         merged.gold.update(part.gold)
         merged.source.update(part.source)

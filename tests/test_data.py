@@ -358,3 +358,15 @@ def test_format_without_data_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     code, err = _run_cli(monkeypatch, capsys, "--format", "xml", "--out", str(out), "--iterations", "1")
     assert code == 2 and err.count("\n") == 0 and "--format" in err and "--data" in err
     assert not out.exists()
+
+
+def test_a_file_given_twice_and_same_named_files_say_so(tmp_path):
+    data = write_native(tmp_path / "d.jsonl", [GOOD])
+    with pytest.raises(UserError, match="given twice"):
+        load_datasets([data, tmp_path / "." / "d.jsonl"])
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "agreeableness.jsonl").write_text(
+            json.dumps({"statement": "I like people", "answer_matching_behavior": " Yes"}) + "\n")
+    with pytest.raises(UserError, match="same name.*rename one"):
+        load_datasets([tmp_path / "a" / "agreeableness.jsonl", tmp_path / "b" / "agreeableness.jsonl"])
