@@ -144,6 +144,42 @@ def test_bf16_scores_are_the_same_computation_whatever_the_store_holds(demo):
     assert cached.score(wanted) == [replace(r, tokens_run=0) for r in first]
 
 
+def test_sliding_window_models_score_like_a_plain_forward_pass(tmp_path, demo):
+    """Gemma 3's path (sliding-window layers: every state kept, the model's own masks, one
+    segment chain at a time, soft-capped logits) on a tiny random Gemma 3 built here, against
+    one plain forward pass per prompt, with prompts longer than the window (fp32)."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from icm_ray import models
+    from icm_ray.backends.hf import TransformersScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(models.converted_dir(models.resolve("smollm2-135m")))
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=2048,
+        final_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "tiny-gemma")
+    tokenizer.save_pretrained(tmp_path / "tiny-gemma")
+    gemma = TransformersScorer(str(tmp_path / "tiny-gemma"), dtype="float32")
+    assert gemma.sliding and gemma.kv_store is None
+    examples, persona = demo
+    prompts = PromptConfig()
+    labels = {p: p % 3 != 0 for p in range(6)}
+    requests = list(leave_one_out_requests(header_text(prompts, persona), examples, labels,
+                                           list(labels), prompts).values())
+    for request, result in zip(requests, gemma.score(requests)):
+        ids = gemma.prefix_tokens + [t for s in request.segments for t in gemma.tokenize(s)]
+        ids += gemma.tokenize(request.query)
+        assert result.prompt_tokens == len(ids) > 8 * config.sliding_window
+        with torch.inference_mode():
+            logits = gemma.model(torch.tensor([ids])).logits[0, -1]
+        reference = torch.log_softmax(logits[gemma.option_ids(OPTIONS)], -1).tolist()
+        assert result.logprobs == pytest.approx(reference, abs=1e-4)
+
+
 def test_caching_scorer_serves_repeats_without_running(scorer):
     cached = CachingScorer(scorer)
     request = ScoreRequest(("Header.\n\n",), "Statement: cats purr.\nLabel:", OPTIONS)

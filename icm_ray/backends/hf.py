@@ -369,7 +369,8 @@ class TransformersScorer(Scorer):
         if max(positions) + 1 > self.max_tokens:
             raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
                             "context; use fewer examples per persona")
-        cache.load(loads)
+        if loads:  # (never for sliding-window models: they keep no store)
+            cache.load(loads)
         span, count = loaded[0], len(tokens)
         torch = self.torch
         keep = torch.tensor([r[1] for r in readouts])
