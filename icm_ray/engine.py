@@ -84,6 +84,25 @@ def load_inputs(store) -> tuple[RunConfig, Dataset, dict[str, Persona]]:
         raise UserError(describe_validation_error(err, f"{store.uri}/inputs.json", "config")) from None
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{store.uri}/inputs.json: not a valid run inputs file ({err})") from None
+    where = f"{store.uri}/inputs.json"
+    seen: set[str] = set()
+    for number, example in enumerate(dataset.examples, start=1):  # as a data file's rows are
+        text = {"claim": example.claim, "comparison": example.response_b,
+                "response": example.response}.get(example.kind)
+        if text is None:
+            raise UserError(f"{where}: examples[{number}]: field 'kind': '{example.kind}' is not "
+                            "claim, comparison or response")
+        if not isinstance(example.id, str) or example.id in seen:
+            raise UserError(f"{where}: examples[{number}]: field 'id': missing or duplicate")
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where}: examples[{number}]: the {example.kind}'s text is missing")
+        if example.persona not in personas:
+            raise UserError(f"{where}: examples[{number}]: persona '{example.persona}' is not "
+                            "in 'personas'")
+        seen.add(example.id)
+    unknown = [i for i in load_clamp(store) if i not in seen]
+    if unknown:
+        raise UserError(f"{where}: field 'clamp': id '{unknown[0]}' is not among the examples")
     return config, dataset, personas
 
 
@@ -103,10 +122,25 @@ def load_checkpoint(store, persona: str, examples: int) -> SearchState | None:
     except (TypeError, KeyError, ValueError, AttributeError, IndexError) as err:
         raise UserError(f"{store.uri}/{name}: not a search checkpoint ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    def bad(key: str, what: str) -> UserError:
+        return UserError(f"{store.uri}/{name}: field '{key}': {what}; the checkpoint is damaged "
+                         "or does not match the run")
+
     for key in ("labels", "seeded", "clamped"):
-        if len(getattr(state, key)) != examples:
-            raise UserError(f"{store.uri}/{name}: field '{key}' has {len(getattr(state, key))} "
-                            f"entries for {examples} examples; the checkpoint does not match the run")
+        values = getattr(state, key)
+        if not isinstance(values, list) or len(values) != examples:
+            raise bad(key, f"expected a list of {examples} entries (one per example)")
+        if not all(isinstance(v, bool) or (key == "labels" and v is None) for v in values):
+            raise bad(key, "expected true/false" + (" or null" if key == "labels" else ""))
+    if not isinstance(state.rng, dict):
+        raise bad("rng", "expected the generator's state (an object)")
+    if not isinstance(state.iteration, int) or isinstance(state.iteration, bool) or state.iteration < 0:
+        raise bad("iteration", "expected a whole number >= 0")
+    if not isinstance(state.trace, list) or not all(isinstance(row, dict) for row in state.trace):
+        raise bad("trace", "expected a list of objects")
+    if not isinstance(state.tail, list) or not all(
+            isinstance(p, int) and 0 <= p < examples for p in state.tail):
+        raise bad("tail", f"expected positions from 0 to {examples - 1}")
     return state
 
 

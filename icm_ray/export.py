@@ -94,12 +94,12 @@ def dpo_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _write_jsonl(out: str, records: list[dict[str, Any]]) -> None:
-    from icm_ray.store import open_store
+    from icm_ray.store import output_file
 
-    parent, _, name = out.rstrip("/").rpartition("/")
-    if not name or (not out.startswith("s3://") and Path(out).is_dir()):
+    if not out.startswith("s3://") and Path(out).is_dir():
         raise UserError(f"--out {out!r}: give a file name, e.g. sft.jsonl")
-    open_store(parent or ".").write_jsonl(name, records)  # atomic: never a half-written file
+    store, name = output_file(out)  # refuses an existing file
+    store.write_jsonl(name, records)  # atomic: never a half-written file
 
 
 def _save_hf(out: str, rows: list[dict[str, Any]]) -> None:

@@ -59,6 +59,8 @@ def output_file(out: str) -> tuple[Store, str]:
     store = open_store(parent or ".")
     if isinstance(store, RunStore) and store.path(name).is_dir():
         raise UserError(f"{store.path(name)}: is a directory; give a file name")
+    if store.exists(name):  # it may be a data file or part of a run: never written over
+        raise UserError(f"{out}: already exists; choose another --out (or remove it first)")
     store.check_writable()
     return store, name
 

@@ -129,7 +129,8 @@ class SearchExample(Item):
 
 
 class SearchRequest(Strict):
-    persona: str = Field(min_length=1, max_length=200)
+    persona: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$",
+                         description="the name it is served under: letters, digits, space . _ -")
     description: str | None = Field(None, max_length=1000)
     examples: list[SearchExample] | None = Field(None, min_length=1, max_length=MAX_SEARCH_EXAMPLES)
     data_path: str | None = Field(None, max_length=1000, description="a dataset path on the server")
@@ -284,9 +285,7 @@ class SteeringAPI:
         from icm_ray.engine import plan_jobs, save_inputs
 
         _exactly_one(body, "examples", "data_path")
-        if body.persona in self.personas:  # its results would silently replace the served ones
-            raise HTTPException(409, detail=f"persona '{body.persona}' is already served; "
-                                "give this search another name")
+        self._name_is_free(body.persona)
         if body.examples is not None:
             dataset = _examples(body.examples, "examples", body.persona)
         else:
@@ -301,6 +300,7 @@ class SteeringAPI:
         except ValueError as err:
             raise HTTPException(422, detail=[{"loc": ["body"], "msg": str(err).splitlines()[0]}]) from None
         with self.lock:
+            self._name_is_free(body.persona)  # again: another request may have taken it meanwhile
             running = sum(1 for s in self.searches.values() if s["status"] == "running")
             if running >= MAX_CONCURRENT_SEARCHES:
                 raise HTTPException(429, detail=f"{running} searches already running; try later")
@@ -322,6 +322,13 @@ class SteeringAPI:
                          daemon=True).start()
         return {"id": search_id, "status": "running"}
 
+    def _name_is_free(self, persona: str) -> None:
+        """A served persona, or one a running search will publish, would be replaced silently."""
+        if persona in self.personas or any(s["persona"] == persona and s["status"] == "running"
+                                           for s in self.searches.values()):
+            raise HTTPException(409, detail=f"persona '{persona}' is already served or being "
+                                "searched; give this search another name")
+
     def _run_search(self, record, jobs, config, store, dataset) -> None:
         from icm_ray.engine import run_on_ray
         from icm_ray.results import write_run
@@ -337,8 +344,15 @@ class SteeringAPI:
             record["summary"] = store.read_json("summary.json")["personas"][0]
             record["status"] = "finished"
         except Exception as err:  # reported through GET /v1/searches/{id}
+            from icm_ray.engine import checkpoint_name
+
             record["status"] = "failed"
             record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            try:
+                if not any(store.exists(checkpoint_name(job.persona.name)) for job in jobs):
+                    store.clear()  # nothing to resume: no half-written run left behind
+            except Exception:  # the failure above is what the record reports
+                pass
 
     @api.get("/v1/searches/{search_id}")
     def search_status(self, search_id: str) -> dict:

@@ -244,7 +244,17 @@ def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
     assert not other.exists()
 
 
-def test_resume_from_a_checkpoint_that_does_not_match_the_run_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("damage, message", [
+    ({"labels": [True]}, "field 'labels': expected a list of 2 entries"),
+    ({"labels": ["yes", None]}, "field 'labels': expected true/false or null"),
+    ({"seeded": ["x", False]}, "field 'seeded': expected true/false"),
+    ({"rng": "garbage"}, "field 'rng'"),
+    ({"iteration": -5}, "field 'iteration'"),
+    ({"trace": "x"}, "field 'trace'"),
+    ({"tail": [99]}, "field 'tail': expected positions from 0 to 1"),
+    ({"labels": None, "unknown": 1}, "not a search checkpoint"),
+])
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, damage, message):
     from icm_ray.config import RunConfig
     from icm_ray.engine import checkpoint_name, save_inputs
     from icm_ray.store import RunStore
@@ -254,14 +264,35 @@ def test_resume_from_a_checkpoint_that_does_not_match_the_run_is_one_line(tmp_pa
     save_inputs(RunStore(run), RunConfig(), dataset, {"p": Persona("p", "likes tests")})
     checkpoint = run / checkpoint_name("p")
     checkpoint.parent.mkdir()
-    state = {"labels": [True], "seeded": [True], "clamped": [False], "rng": {}, "logprobs": {}}
-    checkpoint.write_text(json.dumps(state))
+    state = {"labels": [True, None], "seeded": [True, False], "clamped": [False, False],
+             "rng": {}, "logprobs": {}}
+    checkpoint.write_text(json.dumps({**state, **damage}))
     code, err = _run_cli(monkeypatch, capsys, "--resume", str(run))
     assert code == 2 and err.count("\n") == 0, err
-    assert "field 'labels' has 1 entries for 2 examples" in err and str(checkpoint.name) in err
-    checkpoint.write_text(json.dumps({"labels": []}))
+    assert message in err and checkpoint.name in err, err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda i: i.update(personas={}), "persona 'p' is not in 'personas'"),
+    (lambda i: i["examples"][1].update(id="x"), "field 'id': missing or duplicate"),
+    (lambda i: i["examples"][0].update(kind="weird"), "field 'kind': 'weird'"),
+    (lambda i: i["examples"][0].update(claim=""), "text is missing"),
+    (lambda i: i.update(clamp={"ghost": True}), "field 'clamp': id 'ghost'"),
+])
+def test_resume_with_damaged_inputs_is_one_line(tmp_path, monkeypatch, capsys, damage, message):
+    from icm_ray.config import RunConfig
+    from icm_ray.engine import save_inputs
+    from icm_ray.store import RunStore
+
+    run = tmp_path / "run"
+    dataset = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "y"}])])
+    save_inputs(RunStore(run), RunConfig(), dataset, {"p": Persona("p", "likes tests")})
+    inputs = json.loads((run / "inputs.json").read_text())
+    damage(inputs)
+    (run / "inputs.json").write_text(json.dumps(inputs))
     code, err = _run_cli(monkeypatch, capsys, "--resume", str(run))
-    assert code == 2 and err.count("\n") == 0 and "not a search checkpoint" in err, err
+    assert code == 2 and err.count("\n") == 0 and message in err, err
+    assert not (run / "summary.json").exists()
 
 
 @pytest.mark.parametrize("setup, args, message", [

@@ -39,6 +39,8 @@ def test_dpo_pairs_for_claims_and_comparisons(claims_run, comparisons_run, tmp_p
     assert cli("export", claims_run, "-f", "dpo", "-o", out) == 0
     for row in read_jsonl(out):
         assert {row["chosen"], row["rejected"]} == {" True", " False"}
+    assert cli("export", comparisons_run, "-f", "dpo", "-o", out) == 2  # never over a file
+    out.unlink()
     assert cli("export", comparisons_run, "-f", "dpo", "-o", out) == 0
     labels = {r["id"]: r["label"] for r in read_jsonl(comparisons_run / "steering_examples" /
                                                           "environmentalist.jsonl")}

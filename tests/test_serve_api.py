@@ -50,10 +50,12 @@ def api(ray_cluster, finished_run, tmp_path_factory):
     from icm_ray_serve.app import build_app
 
     uri, personas = finished_run
-    app = build_app([uri], ray=SMALL, searches_dir=str(tmp_path_factory.mktemp("searches")), api_key="")
+    searches = tmp_path_factory.mktemp("searches")
+    app = build_app([uri], ray=SMALL, searches_dir=str(searches), api_key="")
     serve.run(app, name="icm-api", route_prefix="/")
     base = f"http://127.0.0.1:{_proxy_port()}"
     client = httpx.Client(base_url=base, timeout=120)
+    client.searches_dir = searches  # where the API's searches write their runs
     for _ in range(60):
         if client.get("/healthz").status_code == 200:
             break
@@ -125,6 +127,8 @@ def test_personas_and_examples(api):
     ("post", "/v1/completions", {"prompt": "hi", "max_tokens": "3"}, 422, "max_tokens"),
     ("post", "/v1/searches", {"persona": "{p}", "examples": [{"id": "a", "claim": "x"}]}, 409,
      "already served"),
+    ("post", "/v1/searches", {"persona": "../../x", "examples": [{"id": "a", "claim": "x"}]}, 422,
+     "persona"),
 ])
 def test_error_paths_are_4xx_with_a_json_body(api, method, path, payload, status, field):
     client, personas = api
@@ -249,6 +253,8 @@ def test_search_endpoint_runs_icm_and_publishes_the_persona(api):
                                                 "examples": examples, "iterations": 2})
     assert started.status_code == 202
     search_id = started.json()["id"]
+    twin = client.post("/v1/searches", json={"persona": "green", "examples": examples[:3]})
+    assert twin.status_code == 409  # its result would silently replace the first one's
     second = client.post("/v1/searches", json={"persona": "green2", "examples": examples[:3],
                                                "iterations": 1})
     assert second.status_code == 202
@@ -282,6 +288,26 @@ def test_search_endpoint_takes_comparisons_with_their_consistency_groups(api):
     for g in range(len(pairs)):
         if f"c{g}ab" in by_id and f"c{g}ba" in by_id:
             assert by_id[f"c{g}ab"] != by_id[f"c{g}ba"]
+
+
+def test_a_search_over_the_context_fails_and_leaves_no_run_behind(api):
+    client, _ = api
+    examples = [{"id": f"e{i}", "claim": "\U0001F600" * 3990} for i in range(4)]
+    request = {"persona": "emoji", "examples": examples, "iterations": 1}
+    for _ in range(120):  # earlier searches may still hold both slots
+        started = client.post("/v1/searches", json=request)
+        if started.status_code != 429:
+            break
+        time.sleep(1)
+    assert started.status_code == 202, started.text
+    search_id = started.json()["id"]
+    for _ in range(240):
+        state = client.get(f"/v1/searches/{search_id}").json()
+        if state["status"] != "running":
+            break
+        time.sleep(1)
+    assert state["status"] == "failed" and "context" in state["error"], state
+    assert not (client.searches_dir / search_id).exists()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
