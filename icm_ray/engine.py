@@ -122,6 +122,7 @@ def load_checkpoint(store, persona: str, examples: int) -> SearchState | None:
     except (TypeError, KeyError, ValueError, AttributeError, IndexError) as err:
         raise UserError(f"{store.uri}/{name}: not a search checkpoint ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+
     def bad(key: str, what: str) -> UserError:
         return UserError(f"{store.uri}/{name}: field '{key}': {what}; the checkpoint is damaged "
                          "or does not match the run")
