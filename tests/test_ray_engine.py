@@ -65,13 +65,13 @@ def test_killed_actor_restarts_from_checkpoint_with_identical_labels(ray_cluster
     import ray
 
     jobs, _ = jobs_for(demo_subset(tmp_path, personas=1, per_persona=10))
-    config = small_config(iterations=6)
+    config = small_config(iterations=12)  # enough steps that a progress poll (0.5 s) lands mid-search
     straight, _ = _run(tmp_path, "straight", config, jobs)
     killed = []
     store_uri = str((tmp_path / "killed").absolute())
 
     def kill_once(persona, info):
-        if not killed and 3 <= info["iteration"] < 6:
+        if not killed and 1 <= info["iteration"] < 11:
             ray.kill(ray.get_actor(actor_name(store_uri, persona)), no_restart=False)
             killed.append(info["iteration"])
 
