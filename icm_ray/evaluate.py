@@ -155,8 +155,9 @@ def summarise(rows: list[dict[str, Any]], shots: list[int]) -> dict[str, Any]:
             continue
         cell = {"shots": k, "personas": len(cells)}
         for key in ("icm", "gold", "random", "icm_pct_of_gold", "random_pct_of_gold",
-                    "zero_shot_pct_of_gold"):
-            cell[key] = float(np.mean([c[key] for c in cells]))
+                    "zero_shot_pct_of_gold"):  # a % of a gold accuracy of 0 is None: left out
+            known = [c[key] for c in cells if c[key] is not None]
+            cell[key] = float(np.mean(known)) if known else None
         mean["by_shots"].append(cell)
     feedback = [r["feedback"] for r in rows if "feedback" in r]
     if feedback:

@@ -101,3 +101,16 @@ def test_eval_through_ray_with_clamped_feedback_searches(ray_cluster, tmp_path):
     from ray import serve
 
     assert "icm-model" not in serve.status().applications  # the model app is removed afterwards
+
+
+def test_summary_of_a_persona_whose_gold_condition_scores_zero():
+    """% of gold is undefined at a gold accuracy of 0: left out of the mean, not a crash."""
+    from icm_ray.evaluate import summarise
+
+    def cell(gold):
+        return {"shots": 4, "demos": 4, "icm": 0.5, "gold": gold, "random": 0.25}
+
+    rows = [{"zero_shot": 0.5, "by_shots": [cell(0.0)]}, {"zero_shot": 0.5, "by_shots": [cell(0.5)]}]
+    mean = summarise(rows, [4])["by_shots"][0]
+    assert mean["icm_pct_of_gold"] == 100.0 and mean["gold"] == 0.25
+    assert rows[0]["by_shots"][0]["icm_pct_of_gold"] is None

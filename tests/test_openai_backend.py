@@ -48,9 +48,17 @@ class FakeServer:
                     action = server.fail.pop(0) if server.fail else None
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self.counted = True
                 try:
                     self._answer(body, action)
                 finally:
+                    self._done()
+
+            def _done(self):
+                """No longer in flight: before the response leaves, since the client may send its
+                next request as soon as it has read this one (counting after raced under load)."""
+                if self.counted:
+                    self.counted = False
                     with server.lock:
                         server.in_flight -= 1
 
@@ -70,6 +78,7 @@ class FakeServer:
 
             def _send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
+                self._done()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
