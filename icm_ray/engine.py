@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from icm_ray.backends.base import CachingScorer, Scorer
 from icm_ray.config import RunConfig
 from icm_ray.data import Dataset, Example, Persona
-from icm_ray.errors import UserError
+from icm_ray.errors import UserError, user_error_in
 from icm_ray.search import ICMSearch, SearchState
 
 ProgressFn = Callable[[str, dict], None]
@@ -100,7 +100,7 @@ def load_inputs(store) -> tuple[RunConfig, Dataset, dict[str, Persona]]:
             raise UserError(f"{where}: examples[{number}]: persona '{example.persona}' is not "
                             "in 'personas'")
         seen.add(example.id)
-    unknown = [i for i in load_clamp(store) if i not in seen]
+    unknown = [i for i in raw.get("clamp") or {} if i not in seen]
     if unknown:
         raise UserError(f"{where}: field 'clamp': id '{unknown[0]}' is not among the examples")
     return config, dataset, personas
@@ -313,8 +313,8 @@ def run_on_ray(jobs: Sequence[PersonaJob], config: RunConfig, store, on_progress
                 try:
                     state = SearchState.from_dict(ray.get(ref))
                 except ray.exceptions.RayTaskError as err:  # show users the cause, not Ray's wrapper
-                    if isinstance(err.cause, UserError):
-                        raise UserError(f"persona '{name}': {err.cause}") from None
+                    if user_error_in(err):
+                        raise UserError(f"persona '{name}': {user_error_in(err)}") from None
                     raise
                 finished[name] = (by_name[name].examples, state)
                 if on_progress:

@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from icm_ray.backends.base import Scorer, ScoreRequest, ScoreResult
-from icm_ray.errors import UserError
+from icm_ray.errors import UserError, user_error_in
 
 log = logging.getLogger(__name__)
 MODEL_APP = "icm-model"
@@ -108,9 +108,8 @@ class ServeScorer(Scorer):
             try:
                 return self.handle.score.remote(list(requests)).result()
             except Exception as err:  # replica died or is restarting: Serve will replace it
-                cause = getattr(err, "cause", err)
-                if isinstance(cause, UserError):  # the input itself: retrying cannot help
-                    raise UserError(str(cause)) from None
+                if user_error_in(err):  # the input itself: retrying cannot help
+                    raise UserError(str(user_error_in(err))) from None
                 if time.monotonic() > deadline:
                     raise
                 log.warning("scoring failed (%s); retrying in %.1fs", type(err).__name__, delay)

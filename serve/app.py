@@ -25,7 +25,7 @@ from ray import serve
 
 from icm_ray.backends.base import ScoreRequest
 from icm_ray.data import Dataset, Example, dataset_from_rows
-from icm_ray.errors import UserError
+from icm_ray.errors import UserError, user_error_in
 from icm_ray.prompts import PromptConfig, query_text
 from icm_ray.results import package_version
 from icm_ray.steering import PersonaEntry, generation_block, load_run, prompt_block, select
@@ -144,9 +144,8 @@ async def _model_call(response):
     try:
         return await response
     except Exception as err:
-        cause = getattr(err, "cause", err)
-        if isinstance(cause, UserError):
-            raise HTTPException(422, detail=str(cause)) from None
+        if user_error_in(err):
+            raise HTTPException(422, detail=str(user_error_in(err))) from None
         raise
 
 

@@ -1,5 +1,6 @@
 import json
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -219,15 +220,23 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, monkeyp
     assert (mine / "precious.txt").read_text() == "keep"
 
 
-def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
-    """--overwrite replaces a run, not the user's files beside it (here: the data being read);
-    a run directory left empty is removed with it."""
+def saved_run(folder: Path, data: Path) -> Path:
+    """A run directory as `icm-ray run` leaves it before its first step: inputs.json only."""
     from icm_ray.config import RunConfig
     from icm_ray.engine import save_inputs
     from icm_ray.store import RunStore
 
+    save_inputs(RunStore(folder), RunConfig(), load_datasets([data]), {"p": Persona("p", "likes tests")})
+    return folder
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
+    """--overwrite replaces a run, not the user's files beside it (here: the data being read);
+    a run directory left empty is removed with it."""
+    from icm_ray.store import RunStore
+
     def make_run(folder, data):
-        save_inputs(RunStore(folder), RunConfig(), load_datasets([data]), {"p": Persona("p", "likes tests")})
+        saved_run(folder, data)
         (folder / "checkpoints").mkdir()
         (folder / "checkpoints" / "p.json").write_text("{}")
 
@@ -255,13 +264,9 @@ def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
     ({"labels": None, "unknown": 1}, "not a search checkpoint"),
 ])
 def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, damage, message):
-    from icm_ray.config import RunConfig
-    from icm_ray.engine import checkpoint_name, save_inputs
-    from icm_ray.store import RunStore
+    from icm_ray.engine import checkpoint_name
 
-    run = tmp_path / "run"
-    dataset = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "y"}])])
-    save_inputs(RunStore(run), RunConfig(), dataset, {"p": Persona("p", "likes tests")})
+    run = saved_run(tmp_path / "run", write_native(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "y"}]))
     checkpoint = run / checkpoint_name("p")
     checkpoint.parent.mkdir()
     state = {"labels": [True, None], "seeded": [True, False], "clamped": [False, False],
@@ -280,13 +285,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, monkeypatch, cap
     (lambda i: i.update(clamp={"ghost": True}), "field 'clamp': id 'ghost'"),
 ])
 def test_resume_with_damaged_inputs_is_one_line(tmp_path, monkeypatch, capsys, damage, message):
-    from icm_ray.config import RunConfig
-    from icm_ray.engine import save_inputs
-    from icm_ray.store import RunStore
-
-    run = tmp_path / "run"
-    dataset = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "y"}])])
-    save_inputs(RunStore(run), RunConfig(), dataset, {"p": Persona("p", "likes tests")})
+    run = saved_run(tmp_path / "run", write_native(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "y"}]))
     inputs = json.loads((run / "inputs.json").read_text())
     damage(inputs)
     (run / "inputs.json").write_text(json.dumps(inputs))
@@ -367,13 +366,7 @@ def test_resume_and_serve_refuse_what_is_not_a_run(tmp_path, monkeypatch, capsys
 ])
 def test_resume_with_a_bad_saved_config_is_one_line(tmp_path, monkeypatch, capsys, section, name, value):
     """inputs.json edited by hand (or written by another version): the file and field, in one line."""
-    from icm_ray.config import RunConfig
-    from icm_ray.engine import save_inputs
-    from icm_ray.store import RunStore
-
-    run = tmp_path / "run"
-    dataset = load_datasets([write_native(tmp_path / "d.jsonl", [GOOD])])
-    save_inputs(RunStore(run), RunConfig(), dataset, {"p": Persona("p", "likes tests")})
+    run = saved_run(tmp_path / "run", write_native(tmp_path / "d.jsonl", [GOOD]))
     inputs = json.loads((run / "inputs.json").read_text())
     inputs["config"][section][name] = value
     (run / "inputs.json").write_text(json.dumps(inputs))

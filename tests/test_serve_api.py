@@ -233,13 +233,29 @@ def test_fifty_concurrent_requests(api):
     assert codes == [200] * 50
 
 
-def finished_search(client, search_id: str) -> dict:
-    """The search's state once it stops running (up to 4 minutes); it must have finished."""
+def started_search(client, request: dict) -> str:
+    """Start a search, waiting while earlier searches hold both slots (429); its id."""
+    for _ in range(120):
+        started = client.post("/v1/searches", json=request)
+        if started.status_code != 429:
+            break
+        time.sleep(1)
+    assert started.status_code == 202, started.text
+    return started.json()["id"]
+
+
+def stopped_search(client, search_id: str) -> dict:
+    """The search's state once it stops running (up to 4 minutes)."""
     for _ in range(240):
         state = client.get(f"/v1/searches/{search_id}").json()
         if state["status"] != "running":
             break
         time.sleep(1)
+    return state
+
+
+def finished_search(client, search_id: str) -> dict:
+    state = stopped_search(client, search_id)
     assert state["status"] == "finished", state
     return state
 
@@ -275,13 +291,7 @@ def test_search_endpoint_takes_comparisons_with_their_consistency_groups(api):
                      {"id": f"c{g}ba", "prompt": prompt, "response_a": b, "response_b": a, "group": g}]
     request = {"persona": "polite", "description": "values good manners", "examples": examples,
                "iterations": 2, "seed": 1}
-    for _ in range(120):  # the searches of the test before may still hold both slots
-        started = client.post("/v1/searches", json=request)
-        if started.status_code != 429:
-            break
-        time.sleep(1)
-    assert started.status_code == 202, started.text
-    state = finished_search(client, started.json()["id"])
+    state = finished_search(client, started_search(client, request))
     assert state["summary"]["inconsistencies"] == 0
     shown = client.get("/v1/personas/polite/examples", params={"k": 4}).json()["examples"]
     by_id = {e["id"]: e["label"] for e in shown}
@@ -293,19 +303,8 @@ def test_search_endpoint_takes_comparisons_with_their_consistency_groups(api):
 def test_a_search_over_the_context_fails_and_leaves_no_run_behind(api):
     client, _ = api
     examples = [{"id": f"e{i}", "claim": "\U0001F600" * 3990} for i in range(4)]
-    request = {"persona": "emoji", "examples": examples, "iterations": 1}
-    for _ in range(120):  # earlier searches may still hold both slots
-        started = client.post("/v1/searches", json=request)
-        if started.status_code != 429:
-            break
-        time.sleep(1)
-    assert started.status_code == 202, started.text
-    search_id = started.json()["id"]
-    for _ in range(240):
-        state = client.get(f"/v1/searches/{search_id}").json()
-        if state["status"] != "running":
-            break
-        time.sleep(1)
+    search_id = started_search(client, {"persona": "emoji", "examples": examples, "iterations": 1})
+    state = stopped_search(client, search_id)
     assert state["status"] == "failed" and "context" in state["error"], state
     assert not (client.searches_dir / search_id).exists()
 

@@ -255,31 +255,30 @@ class TransformersScorer(Scorer):
         loads: list[Any] = []
         fresh: list[_Node] = []
 
-        def flush(start: int) -> None:
+        def flush() -> None:
             if loads:
                 cache.load(loads)
                 loads.clear()
             if fresh:
+                start = cache.get_seq_length()
                 self._alone([t for n in fresh for t in n.tokens], cache)
                 for n in fresh:
                     self._keep(n, cache, start)
                     start += len(n.tokens)
                 fresh.clear()
 
-        start = depth  # where the pending (not yet flushed) segments begin
         for n in chain:
             if depth + len(n.tokens) > self.max_tokens:
                 raise UserError(f"prompt of over {self.max_tokens} tokens exceeds the model's "
                                 "context; use fewer or shorter examples per persona")
             if n.stored is not None and fresh or n.stored is None and loads:
-                flush(start)
-                start = depth
+                flush()
             if n.stored is not None:
                 loads.append(n.stored)
             elif n.tokens:
                 fresh.append(n)
             depth += len(n.tokens)
-        flush(start)
+        flush()
         return chain[-1], depth
 
     def _keep(self, node: _Node, cache, start: int) -> None:
