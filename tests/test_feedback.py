@@ -73,6 +73,7 @@ def test_clamped_human_labels_are_never_flipped_and_not_asked_again(run, tmp_pat
     (["run", "--resume", "RUN", "--clamp", "TMP/clamp.csv"], "--resume continues a run"),
     (["feedback", "suggest", "RUN", "-p", PERSONA, "-o", "TMP/adir.csv"], "is a directory"),
     (["feedback", "suggest", "CORRUPT", "-p", PERSONA], "not a readable Parquet file"),
+    (["feedback", "suggest", "RUN", "-p", PERSONA, "-o", "TMP/mine.csv"], "already exists"),
     (["run", "--no-ray", "--data", "DATA", "--clamp", "TMP/quote.csv", "--out", "TMP/out"],
      "quote.csv:2: not valid CSV"),
 ])
@@ -80,6 +81,7 @@ def test_bad_input_is_one_line_and_exit_code_2(run, tmp_path, capsys, args, mess
     (tmp_path / "clamp.csv").write_text("id,label\nghost,true\n")
     (tmp_path / "quote.csv").write_text('id,label\na,"true\n')
     (tmp_path / "adir.csv").mkdir()
+    (tmp_path / "mine.csv").write_text("the user's own file")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(run, corrupt)
     (corrupt / "labels.parquet").write_text("not parquet")
@@ -91,6 +93,7 @@ def test_bad_input_is_one_line_and_exit_code_2(run, tmp_path, capsys, args, mess
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("feedback-*"))
+    assert (tmp_path / "mine.csv").read_text() == "the user's own file"
 
 
 def test_a_budget_larger_than_the_pool_fails_before_any_model_is_loaded(run):
